@@ -1,0 +1,130 @@
+"""The long-lived replica: connections, the two consumers, and a graceful stop.
+
+One robust AMQP connection (it reconnects by itself and restores channels, QoS and
+consumers), one pooled database engine and one provider session per process. The work queue's
+prefetch equals ``WORKER_CONCURRENCY``: every message the replica holds is being processed, so
+the broker's priority order decides what runs next and no buffer of old retries is hoarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.admission import Admission
+from worker.delay import declare_delay_backend
+from worker.persistence import DeliveryStore, create_engine
+from worker.pipeline import Pipeline
+from worker.provider import ProviderClient
+from worker.settings import Settings, mask_url
+from worker.topology import declare_topology
+
+log = structlog.get_logger("worker.consumer")
+
+# After a broker or database error the message goes back to the queue after this pause, so
+# an outage slows consumption down instead of spinning through redeliveries.
+_ERROR_PAUSE_SECONDS = 1.0
+_INFRASTRUCTURE_ERRORS = (SQLAlchemyError, AMQPError, ChannelInvalidStateError, OSError)
+
+_Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
+
+
+class Replica:
+    """One ``worker run`` process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._in_flight: set[asyncio.Task[object]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        connection = await aio_pika.connect_robust(settings.amqp_url)
+        engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
+        provider = ProviderClient(
+            settings.require_provider_url(),
+            settings.provider_timeout_seconds,
+            settings.concurrency,
+        )
+        try:
+            await self._serve(connection, DeliveryStore(engine), provider, stop)
+        finally:
+            await connection.close()
+            await provider.close()
+            await engine.dispose()
+        log.info("stopped")
+
+    async def _serve(
+        self,
+        connection: AbstractRobustConnection,
+        store: DeliveryStore,
+        provider: ProviderClient,
+        stop: asyncio.Event,
+    ) -> None:
+        settings = self.settings
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=settings.concurrency)
+        topology = await declare_topology(channel, settings)
+        delay = await declare_delay_backend(
+            settings.amqp_url, channel, topology, settings.delay_backend
+        )
+        pipeline = Pipeline(settings, store, provider, delay)
+
+        admission_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await admission_channel.set_qos(prefetch_count=settings.concurrency)
+        ingress = await admission_channel.get_queue(topology.names.ingress)
+        admission = Admission(
+            admission_channel.default_exchange, topology.names.queue, settings.max_priority
+        )
+
+        work_tag = await topology.work_queue.consume(lambda m: self._track(pipeline.handle, m))
+        ingress_tag = await ingress.consume(lambda m: self._track(admission.handle, m))
+        log.info(
+            "started",
+            queue=topology.names.queue,
+            delay_backend=delay.name,
+            concurrency=settings.concurrency,
+            broker=mask_url(settings.amqp_url),
+        )
+        await stop.wait()
+
+        log.info("stopping", in_flight=len(self._in_flight))
+        await ingress.cancel(ingress_tag)
+        await topology.work_queue.cancel(work_tag)
+        await self._drain(settings.shutdown_grace_seconds)
+
+    async def _track(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await handler(incoming)
+        except _INFRASTRUCTURE_ERRORS as exc:
+            log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(_ERROR_PAUSE_SECONDS)
+            await _return(incoming)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _drain(self, grace_seconds: float) -> None:
+        """Let in-flight messages finish; after the grace period cancel the rest unacked."""
+        if not self._in_flight:
+            return
+        _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.warning("returned_unfinished", count=len(pending))
+
+
+async def _return(incoming: AbstractIncomingMessage) -> None:
+    """Requeue; if the channel is gone, the broker requeues the message by itself."""
+    with contextlib.suppress(ChannelInvalidStateError, AMQPError):
+        await incoming.nack(requeue=True)

@@ -1,0 +1,171 @@
+"""Delay backends: how a retry waits before it returns to the work queue (SPEC §3).
+
+Both publish to the exchange ``<queue>.retry`` and hand the message back to the work queue
+with its priority and headers intact:
+
+- :class:`TtlCascade` (``ttl``) works on a stock broker. It is the binary cascade of
+  NServiceBus (and kombu 5.5): level L is a queue whose fixed TTL is 2^L seconds, dead-lettering
+  to the exchange of level L-1. The routing key spells the delay in binary, one word per level,
+  most significant first; each level's exchange sends the message into its queue when its bit is
+  1 and passes it straight on when 0. Every queue has one TTL, so a short delay never waits
+  behind a long one, and any delay up to 2^28-1 s (8.5 years) is exact to the second.
+- :class:`PluginDelay` (``plugin``) uses RabbitMQ's ``x-delayed-message`` exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.exceptions import ConnectionCommandInvalid
+
+from worker.settings import DelayBackendName
+from worker.topology import Names, Topology
+
+LEVELS = 28
+MAX_DELAY_SECONDS = 2**LEVELS - 1
+
+
+class DelayBackend(Protocol):
+    name: DelayBackendName
+
+    async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
+        """Publish ``message`` to come back to the work queue after the delay, confirmed."""
+
+
+def delay_routing_key(seconds: int, destination: str) -> str:
+    """``5`` → ``0.0.…0.1.0.1.<destination>``: 28 binary words, most significant first."""
+    bits = format(seconds, f"0{LEVELS}b")
+    return ".".join((*bits, destination))
+
+
+def _pattern(level: int, bit: str) -> str:
+    """Match bit ``level`` of the routing key: ``*.`` for each higher level, then the bit."""
+    return "*." * (LEVELS - 1 - level) + bit + ".#"
+
+
+class TtlCascade:
+    name = DelayBackendName.TTL
+
+    def __init__(self, entry: AbstractExchange, destination: str) -> None:
+        self._entry = entry
+        self._destination = destination
+
+    @classmethod
+    async def declare(cls, channel: AbstractChannel, topology: Topology) -> TtlCascade:
+        names, work_queue = topology.names, topology.work_queue
+        entry = await channel.declare_exchange(
+            names.retry, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        # A zero delay goes straight to the work queue.
+        await work_queue.bind(entry, routing_key="0." * LEVELS + "#")
+        lower: AbstractExchange | None = None
+        for level in range(LEVELS):
+            exchange = await channel.declare_exchange(
+                names.delay_level(level), aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            dead_letter = (
+                {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.queue}
+                if lower is None
+                else {"x-dead-letter-exchange": lower.name}
+            )
+            queue = await channel.declare_queue(
+                names.delay_level(level),
+                durable=True,
+                arguments={
+                    "x-queue-type": "classic",
+                    "x-message-ttl": 2**level * 1000,
+                    **dead_letter,
+                },
+            )
+            await queue.bind(exchange, routing_key=_pattern(level, "1"))
+            if lower is None:
+                await work_queue.bind(exchange, routing_key=_pattern(level, "0"))
+            else:
+                await lower.bind(exchange, routing_key=_pattern(level, "0"))
+            # Enter the cascade at the level of the delay's highest set bit.
+            await exchange.bind(entry, routing_key="0." * (LEVELS - 1 - level) + "1.#")
+            lower = exchange
+        return cls(entry, names.queue)
+
+    async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
+        seconds = min(max(round(delay_seconds), 0), MAX_DELAY_SECONDS)
+        # mandatory: a cascade that is missing must raise, not swallow the retry
+        await self._entry.publish(
+            message, routing_key=delay_routing_key(seconds, self._destination), mandatory=True
+        )
+
+
+class PluginDelay:
+    name = DelayBackendName.PLUGIN
+
+    def __init__(self, exchange: AbstractExchange, destination: str) -> None:
+        self._exchange = exchange
+        self._destination = destination
+
+    @classmethod
+    async def declare(cls, channel: AbstractChannel, topology: Topology) -> PluginDelay:
+        names, work_queue = topology.names, topology.work_queue
+        exchange = await channel.declare_exchange(
+            names.retry,
+            "x-delayed-message",
+            durable=True,
+            arguments={"x-delayed-type": "direct"},
+        )
+        await work_queue.bind(exchange, routing_key=names.queue)
+        return cls(exchange, names.queue)
+
+    async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
+        message.headers["x-delay"] = max(round(delay_seconds * 1000), 0)
+        # Not mandatory: the plugin answers every delayed publish with a no-route return
+        # although it delivers the message later.
+        await self._exchange.publish(message, routing_key=self._destination, mandatory=False)
+
+
+async def broker_has_plugin(amqp_url: str, names: Names) -> bool:
+    """Probe on a throwaway connection: can an ``x-delayed-message`` exchange be declared?
+
+    An unknown exchange type is a connection-level error in AMQP 0-9-1, so the probe must not
+    share the worker's connection.
+    """
+    connection = await aio_pika.connect(amqp_url)
+    # The broker answers a missing plugin by closing the connection, which aiormq logs as an
+    # error with a traceback: expected here, so hush it for the probe's lifetime.
+    aiormq_log = logging.getLogger("aiormq.connection")
+    previous_level = aiormq_log.level
+    aiormq_log.setLevel(logging.CRITICAL)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        exchange = await channel.declare_exchange(
+            f"{names.retry}.probe",
+            "x-delayed-message",
+            auto_delete=True,
+            arguments={"x-delayed-type": "direct"},
+        )
+        await exchange.delete()
+        return True
+    except ConnectionCommandInvalid:
+        return False
+    finally:
+        await connection.close()
+        aiormq_log.setLevel(previous_level)
+
+
+async def declare_delay_backend(
+    amqp_url: str,
+    channel: AbstractChannel,
+    topology: Topology,
+    wanted: DelayBackendName,
+) -> DelayBackend:
+    """Declare the chosen backend; ``auto`` takes the plugin when the broker has it."""
+    if wanted is DelayBackendName.AUTO:
+        wanted = (
+            DelayBackendName.PLUGIN
+            if await broker_has_plugin(amqp_url, topology.names)
+            else DelayBackendName.TTL
+        )
+    if wanted is DelayBackendName.PLUGIN:
+        return await PluginDelay.declare(channel, topology)
+    return await TtlCascade.declare(channel, topology)

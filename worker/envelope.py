@@ -1,0 +1,100 @@
+"""The envelope of a delivery: the headers the worker reads and sets (SPEC §1), and the
+message it republishes for a retry or for admission.
+
+``x-attempt`` counts failed attempts (absent = 0): attempts are never counted with ``x-death``,
+which brokers since 3.13 no longer let clients carry forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.decisions import priority_for
+from worker.persistence import RawMessage
+
+ATTEMPT = "x-attempt"
+FIRST_SEEN_AT = "x-first-seen-at"
+LAST_ERROR = "x-last-error"
+# Headers the broker adds on dead-lettering through the TTL cascade; never carried forward.
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delay")
+
+
+def read_attempt(headers: Mapping[str, Any]) -> int:
+    value = headers.get(ATTEMPT, 0)
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def read_first_seen(headers: Mapping[str, Any], now: datetime) -> datetime:
+    value = headers.get(FIRST_SEEN_AT)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return now
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return now
+
+
+def carried_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The message's headers without what the broker added in transit."""
+    return {k: v for k, v in headers.items() if not k.startswith(_BROKER_HEADERS)}
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A delivered message with what the pipeline reads from its envelope."""
+
+    incoming: AbstractIncomingMessage
+    attempt: int
+    first_seen_at: datetime
+    received_at: datetime
+
+    @classmethod
+    def of(cls, incoming: AbstractIncomingMessage) -> Delivery:
+        now = datetime.now(UTC)
+        headers = incoming.headers or {}
+        return cls(incoming, read_attempt(headers), read_first_seen(headers, now), now)
+
+    def raw(self) -> RawMessage:
+        return RawMessage(
+            body=self.incoming.body,
+            content_type=self.incoming.content_type,
+            routing_key=self.incoming.routing_key,
+            headers=carried_headers(self.incoming.headers or {}),
+            first_seen_at=self.first_seen_at,
+        )
+
+    def republish(
+        self, attempt: int, last_error: str | None, max_priority: int
+    ) -> aio_pika.Message:
+        """The same body and properties, our headers, the priority of ``attempt``."""
+        incoming = self.incoming
+        headers = carried_headers(incoming.headers or {})
+        headers[ATTEMPT] = attempt
+        headers[FIRST_SEEN_AT] = self.first_seen_at.isoformat()
+        if last_error is not None:
+            headers[LAST_ERROR] = last_error[:200]
+        return aio_pika.Message(
+            body=incoming.body,
+            headers=headers,
+            content_type=incoming.content_type,
+            content_encoding=incoming.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=incoming.message_id,
+            correlation_id=incoming.correlation_id,
+            timestamp=incoming.timestamp,
+            type=incoming.type,
+            app_id=incoming.app_id,
+            priority=priority_for(attempt, max_priority),
+        )

@@ -1,0 +1,121 @@
+"""The input message (SPEC §1): validation, the idempotency key and the topic key.
+
+Parsing is pure: it takes the raw body and the current time and either returns a
+:class:`PriceChange` or raises :class:`InvalidMessage` with a short reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_FUTURE_SKEW = timedelta(minutes=5)
+
+PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
+
+
+class InvalidMessage(ValueError):
+    """The body is not JSON or breaks a rule of SPEC §1."""
+
+
+def normalise_decimal(value: Decimal) -> str:
+    """``189.10`` → ``189.1``, ``100`` → ``100``: no exponent, no trailing zeros."""
+    return format(value.normalize(), "f")
+
+
+def format_timestamp(value: datetime) -> str:
+    """UTC, microseconds, ``Z``: the form used in the idempotency key and sent to the provider."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class PriceChange(BaseModel):
+    """A validated "price changed" event. Unknown fields are kept in ``model_extra``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    ticker: Annotated[str, Field(pattern=r"^[A-Z0-9.\-]{1,16}$")]
+    price: PositiveDecimal
+    previous_price: PositiveDecimal | None = None
+    occurred_at: datetime
+    channel: Literal["email", "sms"]
+    audience: Annotated[str, Field(pattern=r"^[a-z0-9_\-]{1,64}$")]
+    text: Annotated[str, Field(max_length=1000)] | None = None
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _rfc3339_with_offset(cls, value: object) -> datetime:
+        if not isinstance(value, str):
+            raise ValueError("must be an RFC 3339 timestamp string")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError("must be an RFC 3339 timestamp") from exc
+        if parsed.tzinfo is None:
+            raise ValueError("must carry a UTC offset")
+        return parsed
+
+    @cached_property
+    def price_text(self) -> str:
+        return normalise_decimal(self.price)
+
+    @cached_property
+    def occurred_at_text(self) -> str:
+        return format_timestamp(self.occurred_at)
+
+    @cached_property
+    def idempotency_key(self) -> str:
+        raw = "|".join(
+            (self.ticker, self.price_text, self.occurred_at_text, self.channel, self.audience)
+        )
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @cached_property
+    def topic_key(self) -> str:
+        return f"{self.ticker}|{self.channel}|{self.audience}"
+
+    def provider_body(self) -> dict[str, Any]:
+        """The JSON body of the provider call (SPEC §2)."""
+        return {
+            "idempotency_key": self.idempotency_key,
+            "ticker": self.ticker,
+            "price": self.price_text,
+            "previous_price": (
+                None if self.previous_price is None else normalise_decimal(self.previous_price)
+            ),
+            "occurred_at": self.occurred_at_text,
+            "audience": self.audience,
+            "text": self.text,
+        }
+
+    def stored_payload(self) -> dict[str, Any]:
+        """What ``deliveries.payload`` keeps: the normalised fields plus every unknown field."""
+        return {**(self.model_extra or {}), **self.provider_body(), "channel": self.channel}
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_message(body: bytes, now: datetime) -> PriceChange:
+    """Validate a raw body. Decimals are parsed exactly, never through a float."""
+    try:
+        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessage(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        message = PriceChange.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidMessage(f"{where}: {first['msg']}") from exc
+    if message.occurred_at - now > MAX_FUTURE_SKEW:
+        raise InvalidMessage("occurred_at: more than 5 minutes in the future")
+    return message

@@ -1,0 +1,217 @@
+"""One message's way through the worker, from delivery to ack.
+
+parse and validate → expired? → claim the key and its topic in PostgreSQL → stale? → call the
+provider → classify the answer → record the outcome → ack, always last. A retry is published,
+publisher-confirmed, to the delay backend before the original is acked; a dead letter is
+committed before the ack. Any error of the broker or the database propagates to the consumer,
+which returns the message unacked: it is then still on the queue, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from datetime import timedelta
+from enum import StrEnum
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.backoff import delay_seconds
+from worker.decisions import (
+    ClaimAction,
+    Verdict,
+    classify,
+    decide_claim,
+    is_expired,
+    retry_delay,
+)
+from worker.delay import DelayBackend
+from worker.envelope import Delivery
+from worker.message import InvalidMessage, PriceChange, parse_message
+from worker.persistence import DeliveryStore
+from worker.provider import ProviderAnswer, ProviderClient
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.pipeline")
+
+# While another replica sends a message of the same topic, wait here this long (the send
+# usually takes milliseconds) before handing the message to the delay backend instead.
+_LOCAL_WAIT_SECONDS = 1.0
+_CLAIM_ROUNDS = 20
+
+
+class Outcome(StrEnum):
+    """What became of one delivery; dead-letter outcomes are named as their reasons."""
+
+    SENT = "sent"
+    DUPLICATE = "duplicate"  # the provider answered 409: accepted before
+    RETRY = "retry"
+    DEFERRED = "deferred"  # another message of the topic was in flight: come back later
+    SUPERSEDED = "superseded"
+    ALREADY_FINISHED = "already_finished"  # a redelivered or duplicated copy: nothing to do
+    INVALID = "invalid"
+    REJECTED = "rejected"
+    EXHAUSTED = "exhausted"
+    EXPIRED = "expired"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        store: DeliveryStore,
+        provider: ProviderClient,
+        delay: DelayBackend,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.delay = delay
+        self._rng = rng or random.Random()
+        self._max_age = timedelta(seconds=settings.max_age_seconds)
+
+    async def handle(self, incoming: AbstractIncomingMessage) -> Outcome:
+        """Process one delivery to its end; returns the outcome. Acks only when finished."""
+        delivery = Delivery.of(incoming)
+        outcome = await self._process(delivery)
+        await incoming.ack()
+        return outcome
+
+    async def _process(self, delivery: Delivery) -> Outcome:
+        try:
+            message = parse_message(delivery.incoming.body, delivery.received_at)
+        except InvalidMessage as exc:
+            dead_id = await self.store.dead_letter_invalid(
+                delivery.raw(), str(exc), delivery.attempt
+            )
+            log.warning("dead_lettered", outcome="invalid", error=str(exc), dead_letter=dead_id)
+            return Outcome.INVALID
+        bound = log.bind(idempotency_key=message.idempotency_key, attempt=delivery.attempt)
+        if is_expired(message.occurred_at, delivery.received_at, self._max_age):
+            return await self._dead(delivery, message, Outcome.EXPIRED, "older than max age", None)
+
+        token = uuid.uuid4()
+        action, wait_seconds = await self._claim(message, delivery, token)
+        if action is ClaimAction.FINISHED:
+            bound.info("already_finished", outcome=Outcome.ALREADY_FINISHED)
+            return Outcome.ALREADY_FINISHED
+        if action is ClaimAction.SUPERSEDED:
+            await self.store.mark_superseded(message)
+            bound.info("superseded", outcome=Outcome.SUPERSEDED)
+            return Outcome.SUPERSEDED
+        if action is ClaimAction.WAIT:
+            await self.delay.publish(
+                delivery.republish(delivery.attempt, None, self.settings.max_priority), wait_seconds
+            )
+            bound.info("deferred", outcome=Outcome.DEFERRED, delay=wait_seconds)
+            return Outcome.DEFERRED
+
+        answer = await self.provider.send(message)
+        verdict = classify(answer.status, self.settings.retry_statuses)
+        attempts = delivery.attempt + 1
+        if verdict in (Verdict.SENT, Verdict.DUPLICATE):
+            assert answer.status is not None
+            await self.store.mark_sent(message, token, attempts, answer.status, answer.message_id)
+            outcome = Outcome.SENT if verdict is Verdict.SENT else Outcome.DUPLICATE
+            bound.info("sent", outcome=outcome, provider_message_id=answer.message_id)
+            return outcome
+        if verdict is Verdict.REJECTED:
+            reason = Outcome.REJECTED
+        elif attempts >= self.settings.max_attempts:
+            reason = Outcome.EXHAUSTED
+        else:
+            return await self._retry(delivery, message, answer, token, attempts)
+        return await self._dead(delivery, message, reason, answer.describe(), answer, token)
+
+    async def _claim(
+        self, message: PriceChange, delivery: Delivery, token: uuid.UUID
+    ) -> tuple[ClaimAction, float]:
+        """Decide and, to send, win the topic lease; WAIT comes with the seconds to defer."""
+        pause = 0.02
+        waited = 0.0
+        for _ in range(_CLAIM_ROUNDS):
+            state, version = await self.store.read_claim_state(
+                message, delivery.attempt, delivery.first_seen_at
+            )
+            action = decide_claim(state, message.occurred_at)
+            if action is ClaimAction.CLAIM:
+                if await self.store.take_lease(
+                    message, version, token, self.settings.lease_seconds
+                ):
+                    return action, 0.0
+                continue  # another replica moved the topic on: read it again
+            if action is not ClaimAction.WAIT:
+                return action, 0.0
+            assert state.lease_until is not None
+            remaining = (state.lease_until - state.now).total_seconds()
+            if waited + pause > _LOCAL_WAIT_SECONDS:
+                return action, max(remaining, 1.0)
+            await asyncio.sleep(pause)
+            waited += pause
+            pause *= 2
+        return ClaimAction.WAIT, 1.0
+
+    async def _retry(
+        self,
+        delivery: Delivery,
+        message: PriceChange,
+        answer: ProviderAnswer,
+        token: uuid.UUID,
+        attempts: int,
+    ) -> Outcome:
+        settings = self.settings
+        backoff = delay_seconds(
+            settings.backoff,
+            attempts - 1,
+            settings.backoff_base_seconds,
+            settings.backoff_max_seconds,
+            self._rng,
+        )
+        wait = retry_delay(backoff, answer.retry_after)
+        error = answer.describe()
+        await self.store.record_failure(message, token, attempts, answer.status, error)
+        await self.delay.publish(
+            delivery.republish(attempts, error, self.settings.max_priority), wait
+        )
+        log.info(
+            "retry_scheduled",
+            idempotency_key=message.idempotency_key,
+            attempt=attempts,
+            outcome=Outcome.RETRY,
+            delay=round(wait, 3),
+            error=error,
+        )
+        return Outcome.RETRY
+
+    async def _dead(
+        self,
+        delivery: Delivery,
+        message: PriceChange,
+        reason: Outcome,
+        error: str,
+        answer: ProviderAnswer | None,
+        token: uuid.UUID | None = None,
+    ) -> Outcome:
+        attempts = delivery.attempt + (answer is not None)
+        dead_id = await self.store.dead_letter(
+            reason.value,
+            delivery.raw(),
+            message,
+            error,
+            attempts=attempts,
+            token=token,
+            provider_status=None if answer is None else answer.status,
+        )
+        outcome = reason if dead_id is not None else Outcome.ALREADY_FINISHED
+        log.warning(
+            "dead_lettered",
+            idempotency_key=message.idempotency_key,
+            attempt=attempts,
+            outcome=outcome,
+            error=error,
+            dead_letter=dead_id,
+        )
+        return outcome

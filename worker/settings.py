@@ -1,0 +1,145 @@
+"""Configuration from the environment (SPEC §4, prefix ``WORKER_``), validated once at start.
+
+A bad value stops the process with one line naming the variable; secrets (passwords in
+URLs) are masked wherever settings are shown.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, HttpUrl, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.backoff import BackoffPolicy
+
+ENV_PREFIX = "WORKER_"
+
+
+class DelayBackendName(StrEnum):
+    AUTO = "auto"
+    PLUGIN = "plugin"
+    TTL = "ttl"
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line naming the variable."""
+
+
+def parse_status_ranges(text: str) -> frozenset[int]:
+    """``"408,425,429,500-599"`` → the set of those HTTP statuses."""
+    statuses: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a status or a range like 500-599") from None
+        if not 100 <= first <= last <= 599:
+            raise ValueError(f"{part!r} is outside 100-599 or reversed")
+        statuses.update(range(first, last + 1))
+    return frozenset(statuses)
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL so that it can be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker. Field names are the variable names without the prefix."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL")
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
+        description="PostgreSQL URL (SQLAlchemy form, asyncpg driver)",
+    )
+    provider_url: HttpUrl | None = Field(None, description="Provider base URL; required for run")
+    source_exchange: str = Field("price-change", min_length=1, description="Source topic exchange")
+    source_binding: str = Field("#", min_length=1, description="Binding key on the source")
+    queue: str = Field("notifications.work", min_length=1, max_length=200, description="Work queue")
+    concurrency: int = Field(16, ge=1, le=1000, description="Messages in flight per replica")
+    max_priority: int = Field(10, ge=1, le=255, description="x-max-priority of the work queue")
+    max_attempts: int = Field(10, ge=1, le=1000, description="Attempts before `exhausted`")
+    max_age_seconds: float = Field(86400, gt=0, description="Older messages end as `expired`")
+    backoff: BackoffPolicy = Field(BackoffPolicy.EXPONENTIAL_JITTER, description="Retry policy")
+    backoff_base_seconds: float = Field(5.0, ge=0, description="First retry delay")
+    backoff_max_seconds: float = Field(3600.0, gt=0, description="Cap of any retry delay")
+    delay_backend: DelayBackendName = Field(DelayBackendName.AUTO, description="Delay mechanism")
+    retry_statuses: Annotated[frozenset[int], NoDecode] = Field(
+        parse_status_ranges("408,425,429,500-599"),
+        description="Provider statuses that are retried",
+    )
+    provider_timeout_seconds: float = Field(10.0, gt=0, le=600, description="Per request")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM wait for in-flight")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="/metrics port; 0 = off")
+    log_format: LogFormat = Field(LogFormat.AUTO, description="json, console, or auto (tty)")
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$", description="Level")
+
+    @field_validator("retry_statuses", mode="before")
+    @classmethod
+    def _parse_statuses(cls, value: object) -> object:
+        return parse_status_ranges(value) if isinstance(value, str) else value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"amqp", "amqps"}:
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_driver(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme in {"postgresql", "postgres"}:
+            return "postgresql+asyncpg" + value[len(scheme) :]
+        if scheme != "postgresql+asyncpg":
+            raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
+        return value
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim on a topic key lasts: outlives a provider call with margin."""
+        return 2 * self.provider_timeout_seconds + 5
+
+    def require_provider_url(self) -> str:
+        if self.provider_url is None:
+            raise ConfigError(f"{ENV_PREFIX}PROVIDER_URL: required to run the worker")
+        return str(self.provider_url).rstrip("/")
+
+    def safe_dump(self) -> dict[str, Any]:
+        """The settings as loggable values, secrets masked."""
+        data = self.model_dump(mode="json")
+        data["amqp_url"] = mask_url(self.amqp_url)
+        data["database_url"] = mask_url(self.database_url)
+        data["retry_statuses"] = len(self.retry_statuses)
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; turn a validation failure into one :class:`ConfigError` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = f"{ENV_PREFIX}{str(error['loc'][0]).upper()}" if error["loc"] else ENV_PREFIX
+        given = error.get("input")
+        shown = mask_url(given) if isinstance(given, str) else given
+        raise ConfigError(f"{name}: {error['msg']} (got {shown!r})") from None
