@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import aio_pika
 import structlog
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.admission import Admission
 from worker.delay import declare_delay_backend
+from worker.metrics import DELAY_BACKEND, IN_FLIGHT, HealthServer
 from worker.persistence import DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
@@ -42,19 +44,30 @@ class Replica:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._in_flight: set[asyncio.Task[object]] = set()
+        self._consuming = False
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         connection = await aio_pika.connect_robust(settings.amqp_url)
         engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
+        store = DeliveryStore(engine)
         provider = ProviderClient(
             settings.require_provider_url(),
             settings.provider_timeout_seconds,
             settings.concurrency,
         )
+
+        async def ready() -> bool:
+            return self._consuming and connection.connected.is_set() and await store.ping()
+
+        health = HealthServer(settings.metrics_port, ready)
         try:
-            await self._serve(connection, DeliveryStore(engine), provider, stop)
+            if settings.metrics_port:
+                await health.start()
+            await self._serve(connection, store, provider, stop)
         finally:
+            self._consuming = False
+            await health.stop()
             await connection.close()
             await provider.close()
             await engine.dispose()
@@ -83,8 +96,10 @@ class Replica:
             admission_channel.default_exchange, topology.names.queue, settings.max_priority
         )
 
-        work_tag = await topology.work_queue.consume(lambda m: self._track(pipeline.handle, m))
-        ingress_tag = await ingress.consume(lambda m: self._track(admission.handle, m))
+        work_tag = await topology.work_queue.consume(partial(self._track, pipeline.handle))
+        ingress_tag = await ingress.consume(partial(self._track, admission.handle))
+        self._consuming = True
+        DELAY_BACKEND.labels(delay.name.value).set(1)
         log.info(
             "started",
             queue=topology.names.queue,
@@ -95,6 +110,7 @@ class Replica:
         await stop.wait()
 
         log.info("stopping", in_flight=len(self._in_flight))
+        self._consuming = False
         await ingress.cancel(ingress_tag)
         await topology.work_queue.cancel(work_tag)
         await self._drain(settings.shutdown_grace_seconds)
@@ -103,6 +119,7 @@ class Replica:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        IN_FLIGHT.inc()
         try:
             await handler(incoming)
         except _INFRASTRUCTURE_ERRORS as exc:
@@ -110,6 +127,7 @@ class Replica:
             await asyncio.sleep(_ERROR_PAUSE_SECONDS)
             await _return(incoming)
         finally:
+            IN_FLIGHT.dec()
             self._in_flight.discard(task)
 
     async def _drain(self, grace_seconds: float) -> None:

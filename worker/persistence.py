@@ -9,6 +9,7 @@ an idempotency key is never sent twice at once and an older price never overtake
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import DateTime, Integer, LargeBinary
 
@@ -196,6 +198,15 @@ class DeliveryStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+
+    async def ping(self) -> bool:
+        """Can a statement reach the database right now?"""
+        try:
+            async with asyncio.timeout(2):
+                await self._execute(text("SELECT 1"), {})
+        except (SQLAlchemyError, OSError, TimeoutError):
+            return False
+        return True
 
     async def _execute(self, statement: Any, params: dict[str, Any]) -> list[Any]:
         async with self.engine.connect() as conn:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import structlog
@@ -30,6 +30,7 @@ from worker.decisions import (
 from worker.delay import DelayBackend
 from worker.envelope import Delivery
 from worker.message import InvalidMessage, PriceChange, parse_message
+from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES
 from worker.persistence import DeliveryStore
 from worker.provider import ProviderAnswer, ProviderClient
 from worker.settings import Settings
@@ -57,6 +58,9 @@ class Outcome(StrEnum):
     EXPIRED = "expired"
 
 
+DEAD_OUTCOMES = frozenset({Outcome.INVALID, Outcome.REJECTED, Outcome.EXHAUSTED, Outcome.EXPIRED})
+
+
 class Pipeline:
     def __init__(
         self,
@@ -78,6 +82,9 @@ class Pipeline:
         delivery = Delivery.of(incoming)
         outcome = await self._process(delivery)
         await incoming.ack()
+        MESSAGES.labels(outcome.value).inc()
+        if outcome in DEAD_OUTCOMES:
+            DEAD_LETTERS.labels(outcome.value).inc()
         return outcome
 
     async def _process(self, delivery: Delivery) -> Outcome:
@@ -116,6 +123,7 @@ class Pipeline:
             assert answer.status is not None
             await self.store.mark_sent(message, token, attempts, answer.status, answer.message_id)
             outcome = Outcome.SENT if verdict is Verdict.SENT else Outcome.DUPLICATE
+            DELIVERY_LATENCY.observe((datetime.now(UTC) - message.occurred_at).total_seconds())
             bound.info("sent", outcome=outcome, provider_message_id=answer.message_id)
             return outcome
         if verdict is Verdict.REJECTED:

@@ -6,6 +6,7 @@ back as a :class:`ProviderAnswer` for :func:`worker.decisions.classify` to judge
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -13,6 +14,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 
 from worker.message import PriceChange
+from worker.metrics import PROVIDER_LATENCY, status_class
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,12 @@ class ProviderClient:
         await self._session.close()
 
     async def send(self, message: PriceChange) -> ProviderAnswer:
+        started = time.perf_counter()
+        answer = await self._post(message)
+        PROVIDER_LATENCY.labels(status_class(answer.status)).observe(time.perf_counter() - started)
+        return answer
+
+    async def _post(self, message: PriceChange) -> ProviderAnswer:
         url = f"{self._base_url}/v1/notifications/{message.channel}"
         headers = {"Idempotency-Key": message.idempotency_key}
         try:
