@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 import uvloop
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.consumer import Replica
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"worker: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (AMQPConnectionError, SQLAlchemyError, OSError) as exc:
+    except (AMQPError, SQLAlchemyError, OSError) as exc:
         print(f"worker: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

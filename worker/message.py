@@ -102,8 +102,22 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")
 
 
-def parse_message(body: bytes, now: datetime) -> PriceChange:
-    """Validate a raw body. Decimals are parsed exactly, never through a float."""
+def parse_message(
+    body: bytes,
+    now: datetime,
+    *,
+    content_type: str | None = None,
+    max_bytes: int | None = None,
+) -> PriceChange:
+    """Validate a raw body. Decimals are parsed exactly, never through a float.
+
+    A body over ``max_bytes`` is refused unparsed; a content type other than JSON is refused
+    (an absent one is tolerated).
+    """
+    if max_bytes is not None and len(body) > max_bytes:
+        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    if content_type and content_type.split(";")[0].strip().lower() != "application/json":
+        raise InvalidMessage(f"content type {content_type!r} is not application/json")
     try:
         data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:

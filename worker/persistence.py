@@ -50,6 +50,8 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
         pool_pre_ping=True,
         isolation_level="AUTOCOMMIT",
         json_serializer=dumps,
+        # fail fast when PostgreSQL is away, instead of asyncpg's 60 s connect timeout
+        connect_args={"timeout": 5, "command_timeout": 30},
     )
 
 

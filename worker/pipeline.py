@@ -38,8 +38,10 @@ from worker.settings import Settings
 log = structlog.get_logger("worker.pipeline")
 
 # While another replica sends a message of the same topic, wait here this long (the send
-# usually takes milliseconds) before handing the message to the delay backend instead.
+# usually takes milliseconds) before handing the message to the delay backend instead, for
+# the rest of the lease but at most _MAX_DEFER_SECONDS: a lease outlives a crashed holder.
 _LOCAL_WAIT_SECONDS = 1.0
+_MAX_DEFER_SECONDS = 5.0
 _CLAIM_ROUNDS = 20
 
 
@@ -89,7 +91,12 @@ class Pipeline:
 
     async def _process(self, delivery: Delivery) -> Outcome:
         try:
-            message = parse_message(delivery.incoming.body, delivery.received_at)
+            message = parse_message(
+                delivery.incoming.body,
+                delivery.received_at,
+                content_type=delivery.incoming.content_type,
+                max_bytes=self.settings.max_body_bytes,
+            )
         except InvalidMessage as exc:
             dead_id = await self.store.dead_letter_invalid(
                 delivery.raw(), str(exc), delivery.attempt
@@ -156,7 +163,7 @@ class Pipeline:
             assert state.lease_until is not None
             remaining = (state.lease_until - state.now).total_seconds()
             if waited + pause > _LOCAL_WAIT_SECONDS:
-                return action, max(remaining, 1.0)
+                return action, min(max(remaining, 1.0), _MAX_DEFER_SECONDS)
             await asyncio.sleep(pause)
             waited += pause
             pause *= 2

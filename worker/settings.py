@@ -86,6 +86,9 @@ class Settings(BaseSettings):
         parse_status_ranges("408,425,429,500-599"),
         description="Provider statuses that are retried",
     )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Larger bodies are dead-lettered `invalid` unparsed"
+    )
     provider_timeout_seconds: float = Field(10.0, gt=0, le=600, description="Per request")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM wait for in-flight")
     metrics_port: int = Field(9464, ge=0, le=65535, description="/metrics port; 0 = off")

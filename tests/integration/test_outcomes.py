@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 from worker.demo_provider import Rule
@@ -11,8 +12,6 @@ from .conftest import Harness, price_change
 
 
 def key_of(body: dict[str, object]) -> str:
-    import json
-
     return parse_message(json.dumps(body).encode(), datetime.now(UTC)).idempotency_key
 
 
@@ -131,17 +130,23 @@ async def test_403_is_retried_when_configured_retryable(harness: Harness) -> Non
 
 
 async def test_invalid_body_is_dead_lettered_with_its_raw_bytes(harness: Harness) -> None:
-    await harness.start()
+    await harness.start(max_body_bytes=4096)
     raw = b'\xff\xfe{"ticker": not json'
-    await harness.publish(raw, content_type="text/plain")
+    oversized = json.dumps(price_change(text="x" * 900, padding="y" * 5000)).encode()
+    await harness.publish(raw)
     await harness.publish(price_change(price="-1"))
-    await harness.wait_finished(2)
+    await harness.publish(json.dumps(price_change()).encode(), content_type="text/plain")
+    await harness.publish(oversized)
+    await harness.wait_finished(4)
 
-    dead = await harness.rows("SELECT * FROM dead_letters ORDER BY payload")
-    assert [d.reason for d in dead] == ["invalid", "invalid"]
-    assert {bytes(d.payload) for d in dead} >= {raw}
+    dead = await harness.rows("SELECT * FROM dead_letters ORDER BY id")
+    assert [d.reason for d in dead] == ["invalid"] * 4
     assert all(d.idempotency_key is None for d in dead)
-    assert any("price" in d.last_error for d in dead)
+    by_body = {bytes(d.payload): d.last_error for d in dead}
+    assert "not JSON" in by_body[raw]
+    assert "exceeds the limit" in by_body[oversized]
+    assert any("price" in error for error in by_body.values())
+    assert any("content type" in error for error in by_body.values())
     assert harness.provider.requests == []
 
 
