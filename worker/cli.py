@@ -64,3 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,8 +21,9 @@ from worker.persistence import RawMessage
 ATTEMPT = "x-attempt"
 FIRST_SEEN_AT = "x-first-seen-at"
 LAST_ERROR = "x-last-error"
-# Headers the broker adds on dead-lettering through the TTL cascade; never carried forward.
-_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delay")
+# Headers the broker or the delay plugin add in transit; never carried forward.
+_BROKER_HEADERS = frozenset({"x-death", "x-delay"})
+_BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
 def read_attempt(headers: Mapping[str, Any]) -> int:
@@ -48,7 +49,11 @@ def read_first_seen(headers: Mapping[str, Any], now: datetime) -> datetime:
 
 def carried_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """The message's headers without what the broker added in transit."""
-    return {k: v for k, v in headers.items() if not k.startswith(_BROKER_HEADERS)}
+    return {
+        k: v
+        for k, v in headers.items()
+        if k not in _BROKER_HEADERS and not k.startswith(_BROKER_HEADER_PREFIXES)
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,16 +8,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)
+_MAX_PRICE_EXPONENT = 30  # prices between 1e-30 and 1e31: no exotic exponents
+_MAX_PRICE_DIGITS = 64
+# RFC 3339 §5.6 date-time (T or space, Z or ±hh:mm; case-insensitive), stricter than ISO 8601.
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
 
-PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
+
+def _sane_price(value: Decimal) -> Decimal:
+    if not -_MAX_PRICE_EXPONENT <= value.adjusted() <= _MAX_PRICE_EXPONENT:
+        raise ValueError(
+            f"must be between 1e-{_MAX_PRICE_EXPONENT} and 1e{_MAX_PRICE_EXPONENT + 1}"
+        )
+    if len(value.as_tuple().digits) > _MAX_PRICE_DIGITS:
+        raise ValueError(f"must have at most {_MAX_PRICE_DIGITS} digits")
+    return value
+
+
+PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False), AfterValidator(_sane_price)]
 
 
 class InvalidMessage(ValueError):
@@ -25,8 +43,9 @@ class InvalidMessage(ValueError):
 
 
 def normalise_decimal(value: Decimal) -> str:
-    """``189.10`` → ``189.1``, ``100`` → ``100``: no exponent, no trailing zeros."""
-    return format(value.normalize(), "f")
+    """``189.10`` → ``189.1``, ``100`` → ``100``: no exponent, no trailing zeros, never rounded."""
+    exact = Context(prec=max(len(value.as_tuple().digits), 1), Emax=MAX_EMAX, Emin=MIN_EMIN)
+    return format(value.normalize(exact), "f")
 
 
 def format_timestamp(value: datetime) -> str:
@@ -50,15 +69,12 @@ class PriceChange(BaseModel):
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _rfc3339_with_offset(cls, value: object) -> datetime:
-        if not isinstance(value, str):
-            raise ValueError("must be an RFC 3339 timestamp string")
+        if not isinstance(value, str) or not _RFC3339.match(value):
+            raise ValueError("must be an RFC 3339 timestamp with a UTC offset")
         try:
-            parsed = datetime.fromisoformat(value)
+            return datetime.fromisoformat(value.upper())
         except ValueError as exc:
-            raise ValueError("must be an RFC 3339 timestamp") from exc
-        if parsed.tzinfo is None:
-            raise ValueError("must carry a UTC offset")
-        return parsed
+            raise ValueError(f"must be a real date and time: {exc}") from exc
 
     @cached_property
     def price_text(self) -> str:
@@ -119,8 +135,12 @@ def parse_message(
     if content_type and content_type.split(";")[0].strip().lower() != "application/json":
         raise InvalidMessage(f"content type {content_type!r} is not application/json")
     try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"not UTF-8: {exc}") from exc
+    try:
+        data = json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    except ValueError as exc:
         raise InvalidMessage(f"not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidMessage(f"expected a JSON object, got {type(data).__name__}")

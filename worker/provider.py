@@ -36,7 +36,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -70,7 +70,7 @@ class ProviderClient:
         headers = {"Idempotency-Key": message.idempotency_key}
         try:
             async with self._session.post(
-                url, json=message.provider_body(), headers=headers
+                url, json=message.provider_body(), headers=headers, allow_redirects=False
             ) as response:
                 return await _read_answer(response)
         except TimeoutError:

@@ -52,11 +52,15 @@ def parse_status_ranges(text: str) -> frozenset[int]:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL so that it can be logged."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Hide the password of a URL so that it can be logged; hide all of an unreadable one."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unreadable URL>"
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -132,6 +136,8 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["amqp_url"] = mask_url(self.amqp_url)
         data["database_url"] = mask_url(self.database_url)
+        if self.provider_url is not None:
+            data["provider_url"] = mask_url(str(self.provider_url))
         data["retry_statuses"] = len(self.retry_statuses)
         return data
 
