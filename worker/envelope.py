@@ -21,6 +21,10 @@ from worker.persistence import RawMessage
 ATTEMPT = "x-attempt"
 FIRST_SEEN_AT = "x-first-seen-at"
 LAST_ERROR = "x-last-error"
+# Set by `worker-admin replay`: the dead letter replayed, and (with --force) that the message
+# is to be sent even though it is older than WORKER_MAX_AGE_SECONDS.
+REPLAYED_FROM = "x-replayed-from"
+IGNORE_MAX_AGE = "x-ignore-max-age"
 # Headers the broker or the delay plugin add in transit; never carried forward.
 _BROKER_HEADERS = frozenset({"x-death", "x-delay"})
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")

@@ -28,7 +28,7 @@ from worker.decisions import (
     retry_delay,
 )
 from worker.delay import DelayBackend
-from worker.envelope import Delivery
+from worker.envelope import IGNORE_MAX_AGE, Delivery
 from worker.message import InvalidMessage, PriceChange, parse_message
 from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES
 from worker.persistence import DeliveryStore
@@ -104,7 +104,8 @@ class Pipeline:
             log.warning("dead_lettered", outcome="invalid", error=str(exc), dead_letter=dead_id)
             return Outcome.INVALID
         bound = log.bind(idempotency_key=message.idempotency_key, attempt=delivery.attempt)
-        if is_expired(message.occurred_at, delivery.received_at, self._max_age):
+        forced = bool((delivery.incoming.headers or {}).get(IGNORE_MAX_AGE))
+        if not forced and is_expired(message.occurred_at, delivery.received_at, self._max_age):
             return await self._dead(delivery, message, Outcome.EXPIRED, "older than max age", None)
 
         token = uuid.uuid4()
