@@ -134,16 +134,18 @@ async def test_invalid_body_is_dead_lettered_with_its_raw_bytes(harness: Harness
     raw = b'\xff\xfe{"ticker": not json'
     oversized = json.dumps(price_change(text="x" * 900, padding="y" * 5000)).encode()
     await harness.publish(raw)
+    await harness.publish(b"[1, 2")
     await harness.publish(price_change(price="-1"))
     await harness.publish(json.dumps(price_change()).encode(), content_type="text/plain")
     await harness.publish(oversized)
-    await harness.wait_finished(4)
+    await harness.wait_finished(5)
 
     dead = await harness.rows("SELECT * FROM dead_letters ORDER BY id")
-    assert [d.reason for d in dead] == ["invalid"] * 4
+    assert [d.reason for d in dead] == ["invalid"] * 5
     assert all(d.idempotency_key is None for d in dead)
     by_body = {bytes(d.payload): d.last_error for d in dead}
-    assert "not JSON" in by_body[raw]
+    assert "not UTF-8" in by_body[raw]
+    assert "not JSON" in by_body[b"[1, 2"]
     assert "exceeds the limit" in by_body[oversized]
     assert any("price" in error for error in by_body.values())
     assert any("content type" in error for error in by_body.values())
