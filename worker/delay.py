@@ -21,7 +21,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.exceptions import ConnectionCommandInvalid
 
-from worker.settings import DelayBackendName
+from worker.settings import ENV_PREFIX, ConfigError, DelayBackendName
 from worker.topology import Names, Topology
 
 LEVELS = 28
@@ -160,12 +160,13 @@ async def declare_delay_backend(
     wanted: DelayBackendName,
 ) -> DelayBackend:
     """Declare the chosen backend; ``auto`` takes the plugin when the broker has it."""
-    if wanted is DelayBackendName.AUTO:
-        wanted = (
-            DelayBackendName.PLUGIN
-            if await broker_has_plugin(amqp_url, topology.names)
-            else DelayBackendName.TTL
-        )
-    if wanted is DelayBackendName.PLUGIN:
+    if wanted is DelayBackendName.TTL:
+        return await TtlCascade.declare(channel, topology)
+    if await broker_has_plugin(amqp_url, topology.names):
         return await PluginDelay.declare(channel, topology)
+    if wanted is DelayBackendName.PLUGIN:
+        raise ConfigError(
+            f"{ENV_PREFIX}DELAY_BACKEND: 'plugin' needs the broker's "
+            "rabbitmq_delayed_message_exchange plugin, which it has not; use 'ttl' or 'auto'"
+        )
     return await TtlCascade.declare(channel, topology)
