@@ -30,7 +30,7 @@ from worker.decisions import (
 from worker.delay import DelayBackend
 from worker.envelope import IGNORE_MAX_AGE, Delivery
 from worker.message import InvalidMessage, PriceChange, parse_message
-from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES
+from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES, RETRIES
 from worker.persistence import DeliveryStore
 from worker.provider import ProviderAnswer, ProviderClient
 from worker.settings import Settings
@@ -192,6 +192,7 @@ class Pipeline:
         await self.delay.publish(
             delivery.republish(attempts, error, self.settings.max_priority), wait
         )
+        RETRIES.labels(str(attempts)).inc()
         log.info(
             "retry_scheduled",
             idempotency_key=message.idempotency_key,

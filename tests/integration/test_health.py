@@ -1,0 +1,53 @@
+"""The replica's /metrics, /healthz and /readyz on WORKER_METRICS_PORT."""
+
+from __future__ import annotations
+
+import socket
+
+import aiohttp
+
+from worker.demo_provider import Rule
+
+from .conftest import Harness, price_change
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_metrics_move_and_health_answers(harness: Harness) -> None:
+    port = free_port()
+    harness.provider.set_rules([Rule(audience="lapsed", status=403)])
+    await harness.start(metrics_port=port)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        assert (await http.get(f"{base}/healthz")).status == 200
+        assert (await http.get(f"{base}/readyz")).status == 200
+        before = await (await http.get(f"{base}/metrics")).text()
+
+        await harness.publish(price_change())
+        await harness.publish(price_change(audience="lapsed"))
+        await harness.wait_finished(2)
+        after = await (await http.get(f"{base}/metrics")).text()
+
+    def sample(text: str, name: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    sent = 'notifications_messages_total{outcome="sent"}'
+    rejected = 'notifications_dead_letters_total{reason="rejected"}'
+    assert sample(after, sent) == sample(before, sent) + 1
+    assert sample(after, rejected) == sample(before, rejected) + 1
+    assert 'notifications_delay_backend_info{backend="ttl"} 1.0' in after
+    assert "notifications_provider_request_seconds_count" in after
+
+
+async def test_readyz_is_false_while_the_database_is_unreachable(harness: Harness) -> None:
+    port = free_port()
+    await harness.start(metrics_port=port, database_url="postgresql://postgres@127.0.0.1:1/x")
+    async with aiohttp.ClientSession() as http:
+        response = await http.get(f"http://127.0.0.1:{port}/readyz")
+        assert response.status == 503
+        assert (await http.get(f"http://127.0.0.1:{port}/healthz")).status == 200
