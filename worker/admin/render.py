@@ -1,0 +1,217 @@
+"""How the admin shows rows: aligned tables for people, JSON with stable keys for scripts."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.admin.queries import Stats
+
+# The keys of one dead letter in `list --json` (and `show --json`), always all of them, in
+# this order; absent values are null, timestamps RFC 3339 in UTC.
+LIST_KEYS = (
+    "id",
+    "dead_at",
+    "reason",
+    "idempotency_key",
+    "ticker",
+    "channel",
+    "audience",
+    "attempts",
+    "replay_count",
+    "replayed_at",
+    "first_seen_at",
+    "content_type",
+    "routing_key",
+    "last_error",
+)
+DELIVERY_KEYS = (
+    "status",
+    "attempts",
+    "first_seen_at",
+    "sent_at",
+    "provider_status",
+    "provider_message_id",
+    "last_error",
+    "updated_at",
+)
+ERROR_WIDTH = 60
+
+
+def timestamp(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def short_time(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _jsonable(value: object) -> object:
+    return timestamp(value) if isinstance(value, datetime) else value
+
+
+def record(row: Any, keys: Sequence[str]) -> dict[str, object]:
+    mapping = row._mapping
+    return {key: _jsonable(mapping[key]) for key in keys}
+
+
+def to_json(value: object) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def truncate(text: str | None, width: int) -> str:
+    if not text:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int]) -> str:
+    """Columns padded to their widest cell; ``right`` holds the numeric columns' indexes."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def subject(row: Any) -> str:
+    """``AAPL/email/premium``; ``-`` for an invalid body, which has none."""
+    parts = (row.ticker, row.channel, row.audience)
+    return "-" if all(p is None for p in parts) else "/".join(p or "?" for p in parts)
+
+
+def dead_letter_table(rows: Sequence[Any]) -> str:
+    headers = ("ID", "DEAD_AT", "REASON", "TICKER/CHANNEL/AUDIENCE", "ATTEMPTS", "REPLAYS")
+    body = [
+        (
+            row.id,
+            short_time(row.dead_at),
+            row.reason,
+            subject(row),
+            row.attempts,
+            row.replay_count,
+            truncate(row.last_error, ERROR_WIDTH),
+        )
+        for row in rows
+    ]
+    return table((*headers, "LAST_ERROR"), body, right={0, 4, 5})
+
+
+def payload_views(payload: bytes) -> tuple[object | None, str]:
+    """The payload as a JSON value when it is UTF-8 JSON (else None), and as text to show:
+    pretty JSON, or the bytes escaped and in hex."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        problem = "not UTF-8"
+    else:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            problem = "UTF-8 but not JSON"
+        else:
+            return value, to_json(value)
+    return None, f"{problem}; escaped: {payload!r}\nhex: {payload.hex(' ')}"
+
+
+def show_json(row: Any, delivery: Any | None) -> dict[str, object]:
+    data = record(row, LIST_KEYS)
+    payload = bytes(row.payload)
+    value, _ = payload_views(payload)
+    data["headers"] = row.headers
+    data["payload_json"] = value
+    data["payload_base64"] = base64.b64encode(payload).decode("ascii")
+    data["delivery"] = None if delivery is None else record(delivery, DELIVERY_KEYS)
+    return data
+
+
+def show_text(row: Any, delivery: Any | None) -> str:
+    payload = bytes(row.payload)
+    _, shown = payload_views(payload)
+    fields: list[tuple[str, object]] = [
+        ("reason", row.reason),
+        ("idempotency_key", row.idempotency_key or "- (invalid body: no key)"),
+        ("ticker/channel/audience", subject(row)),
+        ("attempts", row.attempts),
+        ("last_error", row.last_error or "-"),
+        ("first_seen_at", timestamp(row.first_seen_at)),
+        ("dead_at", timestamp(row.dead_at)),
+        ("replayed_at", timestamp(row.replayed_at) or "never"),
+        ("replay_count", row.replay_count),
+        ("content_type", row.content_type or "-"),
+        ("routing_key", row.routing_key or "-"),
+    ]
+    lines = [f"dead letter {row.id}"]
+    lines += [f"  {name:<24}{value}" for name, value in fields]
+    if row.idempotency_key is None:
+        lines.append("delivery: none (an invalid body has no idempotency key)")
+    elif delivery is None:
+        lines.append("delivery: no deliveries row for this key")
+    else:
+        lines.append("delivery (current status of its key)")
+        for key in DELIVERY_KEYS:
+            value = _jsonable(getattr(delivery, key))
+            lines.append(f"  {key:<24}{'-' if value is None else value}")
+    lines.append("headers")
+    lines.append(_indent(to_json(row.headers)))
+    lines.append(f"payload ({len(payload)} bytes)")
+    lines.append(_indent(shown))
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+def stats_json(stats: Stats) -> dict[str, object]:
+    return {
+        "total": stats.total,
+        "replayed": stats.replayed,
+        "not_replayed": stats.total - stats.replayed,
+        "by_reason": [
+            {
+                "reason": r.reason,
+                "count": int(r.total),
+                "replayed": int(r.replayed),
+                "oldest_dead_at": timestamp(r.oldest),
+                "newest_dead_at": timestamp(r.newest),
+            }
+            for r in stats.by_reason
+        ],
+        "by_channel_audience": [
+            {"channel": r.channel, "audience": r.audience, "count": int(r.total)}
+            for r in stats.by_channel_audience
+        ],
+    }
+
+
+def stats_text(stats: Stats) -> str:
+    if stats.total == 0:
+        return "0 dead letters"
+    by_reason = table(
+        ("REASON", "COUNT", "REPLAYED", "OLDEST_DEAD_AT", "NEWEST_DEAD_AT"),
+        [
+            (r.reason, r.total, r.replayed, short_time(r.oldest), short_time(r.newest))
+            for r in stats.by_reason
+        ],
+        right={1, 2},
+    )
+    by_target = table(
+        ("CHANNEL", "AUDIENCE", "COUNT"),
+        [(r.channel or "-", r.audience or "-", r.total) for r in stats.by_channel_audience],
+        right={2},
+    )
+    replayed = stats.replayed
+    return (
+        f"{stats.total} dead letters: {replayed} replayed, {stats.total - replayed} not\n\n"
+        f"{by_reason}\n\n{by_target}"
+    )
