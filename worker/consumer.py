@@ -16,7 +16,7 @@ from functools import partial
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.admission import Admission
@@ -33,7 +33,11 @@ log = structlog.get_logger("worker.consumer")
 # After a broker or database error the message goes back to the queue after this pause, so
 # an outage slows consumption down instead of spinning through redeliveries.
 _ERROR_PAUSE_SECONDS = 1.0
-_INFRASTRUCTURE_ERRORS = (SQLAlchemyError, AMQPError, ChannelInvalidStateError, OSError)
+_RECONNECT_SECONDS = 2.0
+_INFRASTRUCTURE_ERRORS = (SQLAlchemyError, AMQPError, OSError)
+# The channel the message came on is gone: it cannot be acked or returned, and the broker
+# has already put it back on the queue.
+_CONNECTION_LOST = (ChannelInvalidStateError, AMQPConnectionError)
 
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
 
@@ -43,12 +47,15 @@ class Replica:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._in_flight: set[asyncio.Task[object]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._consuming = False
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        connection = await aio_pika.connect_robust(settings.amqp_url)
+        connection = await aio_pika.connect_robust(
+            settings.amqp_url, reconnect_interval=_RECONNECT_SECONDS
+        )
         engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
         store = DeliveryStore(engine)
         provider = ProviderClient(
@@ -111,24 +118,42 @@ class Replica:
 
         log.info("stopping", in_flight=len(self._in_flight))
         self._consuming = False
-        await ingress.cancel(ingress_tag)
-        await topology.work_queue.cancel(work_tag)
+        self._stopping = True
+        # A channel that is reconnecting has no consumer to cancel; if it comes back during
+        # the drain, _track hands its deliveries straight back.
+        for queue, tag in ((ingress, ingress_tag), (topology.work_queue, work_tag)):
+            with contextlib.suppress(*_CONNECTION_LOST, AMQPError):
+                await queue.cancel(tag)
         await self._drain(settings.shutdown_grace_seconds)
 
     async def _track(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        """Run the handler in a task of our own, shielded from the AMQP channel's.
+
+        aiormq cancels a channel's consumer tasks when the connection drops; a message then
+        half-way through the pipeline would stop after the provider accepted it and before the
+        outcome is recorded. Shielded, it finishes, records, and only its ack is lost: the
+        broker redelivers it and the copy finds the key finished.
+        """
+        if self._stopping:
+            await _return(incoming)
+            return
+        task = asyncio.create_task(self._handle(handler, incoming))
         self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        await asyncio.shield(task)
+
+    async def _handle(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
         IN_FLIGHT.inc()
         try:
             await handler(incoming)
+        except _CONNECTION_LOST as exc:
+            log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])
         except _INFRASTRUCTURE_ERRORS as exc:
             log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(_ERROR_PAUSE_SECONDS)
             await _return(incoming)
         finally:
             IN_FLIGHT.dec()
-            self._in_flight.discard(task)
 
     async def _drain(self, grace_seconds: float) -> None:
         """Let in-flight messages finish; after the grace period cancel the rest unacked."""

@@ -222,7 +222,9 @@ class Harness:
         return rows[0]
 
     async def cleanup_broker(self) -> None:
-        channel = await self.amqp.channel()
+        # a connection of its own: a test may have had the broker close the shared one
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
         queues = [self.names.queue, self.names.ingress]
         queues += [self.names.delay_level(level) for level in range(LEVELS)]
         for queue in queues:
@@ -231,7 +233,7 @@ class Harness:
         exchanges += [self.names.delay_level(level) for level in range(LEVELS)]
         for exchange in exchanges:
             await channel.exchange_delete(exchange)
-        await channel.close()
+        await connection.close()
 
 
 @pytest.fixture
