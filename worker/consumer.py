@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.admission import Admission
 from worker.delay import declare_delay_backend
-from worker.metrics import DELAY_BACKEND, IN_FLIGHT, HealthServer
+from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED, HealthServer
 from worker.persistence import DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
@@ -30,16 +30,63 @@ from worker.topology import declare_topology
 
 log = structlog.get_logger("worker.consumer")
 
-# After a broker or database error the message goes back to the queue after this pause, so
-# an outage slows consumption down instead of spinning through redeliveries.
+# After a broker error the message goes back to the queue after this pause, so a failing
+# broker slows consumption down instead of spinning through redeliveries.
 _ERROR_PAUSE_SECONDS = 1.0
 _RECONNECT_SECONDS = 2.0
-_INFRASTRUCTURE_ERRORS = (SQLAlchemyError, AMQPError, OSError)
+# A message that met a database error is held this long for the database to come back, then
+# returned to the queue: well inside RabbitMQ's 30 min consumer timeout.
+_HOLD_SECONDS = 60.0
+_PROBE_SECONDS = 1.0
 # The channel the message came on is gone: it cannot be acked or returned, and the broker
-# has already put it back on the queue.
+# has already put it back on the queue. (AMQPConnectionError is an OSError: test it first.)
 _CONNECTION_LOST = (ChannelInvalidStateError, AMQPConnectionError)
+_DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
+
+
+class DatabaseGate:
+    """Closed while PostgreSQL is unreachable: no message starts, none is failed.
+
+    The first database error closes it; one probe task pings until the database answers and
+    opens it again. Messages wait at the gate, so an outage stops consumption (the prefetch
+    stays full) instead of cycling messages through the queue.
+    """
+
+    def __init__(self, ping: Callable[[], Awaitable[bool]]) -> None:
+        self._ping = ping
+        self._open = asyncio.Event()
+        self._open.set()
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
+
+    def close(self, error: BaseException) -> None:
+        if not self.is_open:
+            return
+        self._open.clear()
+        log.error("database_unavailable", error=f"{type(error).__name__}: {error}"[:300])
+        self._probe = asyncio.create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        started = asyncio.get_running_loop().time()
+        while True:
+            if await self._ping():
+                break
+            await asyncio.sleep(_PROBE_SECONDS)
+        self._open.set()
+        down = asyncio.get_running_loop().time() - started
+        log.info("database_available", unavailable_seconds=round(down, 1))
+
+    def cancel(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
 
 
 class Replica:
@@ -50,14 +97,16 @@ class Replica:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._consuming = False
         self._stopping = False
+        self._engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
+        self._store = DeliveryStore(self._engine)
+        self._gate = DatabaseGate(self._store.ping)
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         connection = await aio_pika.connect_robust(
             settings.amqp_url, reconnect_interval=_RECONNECT_SECONDS
         )
-        engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
-        store = DeliveryStore(engine)
+        store = self._store
         provider = ProviderClient(
             settings.require_provider_url(),
             settings.provider_timeout_seconds,
@@ -65,7 +114,12 @@ class Replica:
         )
 
         async def ready() -> bool:
-            return self._consuming and connection.connected.is_set() and await store.ping()
+            return (
+                self._consuming
+                and self._gate.is_open
+                and connection.connected.is_set()
+                and await store.ping()
+            )
 
         health = HealthServer(settings.metrics_port, ready)
         try:
@@ -74,10 +128,11 @@ class Replica:
             await self._serve(connection, store, provider, stop)
         finally:
             self._consuming = False
+            self._gate.cancel()
             await health.stop()
             await connection.close()
             await provider.close()
-            await engine.dispose()
+            await self._engine.dispose()
         log.info("stopped")
 
     async def _serve(
@@ -103,8 +158,8 @@ class Replica:
             admission_channel.default_exchange, topology.names.queue, settings.max_priority
         )
 
-        work_tag = await topology.work_queue.consume(partial(self._track, pipeline.handle))
-        ingress_tag = await ingress.consume(partial(self._track, admission.handle))
+        work_tag = await topology.work_queue.consume(partial(self._track, pipeline.handle, True))
+        ingress_tag = await ingress.consume(partial(self._track, admission.handle, False))
         self._consuming = True
         DELAY_BACKEND.labels(delay.name.value).set(1)
         log.info(
@@ -126,7 +181,9 @@ class Replica:
                 await queue.cancel(tag)
         await self._drain(settings.shutdown_grace_seconds)
 
-    async def _track(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
+    async def _track(
+        self, handler: _Handler, needs_database: bool, incoming: AbstractIncomingMessage
+    ) -> None:
         """Run the handler in a task of our own, shielded from the AMQP channel's.
 
         aiormq cancels a channel's consumer tasks when the connection drops; a message then
@@ -135,23 +192,32 @@ class Replica:
         broker redelivers it and the copy finds the key finished.
         """
         if self._stopping:
-            await _return(incoming)
+            await _return(incoming, "shutdown")
             return
-        task = asyncio.create_task(self._handle(handler, incoming))
+        task = asyncio.create_task(self._handle(handler, needs_database, incoming))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         await asyncio.shield(task)
 
-    async def _handle(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
+    async def _handle(
+        self, handler: _Handler, needs_database: bool, incoming: AbstractIncomingMessage
+    ) -> None:
         IN_FLIGHT.inc()
         try:
+            if needs_database:
+                await self._gate.wait_open()
             await handler(incoming)
         except _CONNECTION_LOST as exc:
             log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])
-        except _INFRASTRUCTURE_ERRORS as exc:
+        except _DATABASE_ERRORS as exc:
+            self._gate.close(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gate.wait_open(), _HOLD_SECONDS)
+            await _return(incoming, "database")
+        except AMQPError as exc:
             log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-            await _return(incoming)
+            await _return(incoming, "broker")
         finally:
             IN_FLIGHT.dec()
 
@@ -167,7 +233,8 @@ class Replica:
             log.warning("returned_unfinished", count=len(pending))
 
 
-async def _return(incoming: AbstractIncomingMessage) -> None:
+async def _return(incoming: AbstractIncomingMessage, cause: str) -> None:
     """Requeue; if the channel is gone, the broker requeues the message by itself."""
+    RETURNED.labels(cause).inc()
     with contextlib.suppress(ChannelInvalidStateError, AMQPError):
         await incoming.nack(requeue=True)

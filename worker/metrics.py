@@ -28,6 +28,11 @@ PROVIDER_LATENCY = Histogram(
     "Provider request duration, by status class (2xx, 4xx, 5xx, error)",
     ["status_class"],
 )
+RETURNED = Counter(
+    "notifications_returned_total",
+    "Messages handed back to the queue unfinished, by cause (database, broker, shutdown)",
+    ["cause"],
+)
 IN_FLIGHT = Gauge("notifications_in_flight", "Messages being processed by this replica")
 DELAY_BACKEND = Gauge(
     "notifications_delay_backend_info", "The delay backend in use (value 1)", ["backend"]

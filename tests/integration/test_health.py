@@ -11,6 +11,12 @@ from worker.demo_provider import Rule
 from .conftest import Harness, price_change
 
 
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample in Prometheus text format; 0 when it was never set."""
+    lines = [line for line in metrics.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -31,10 +37,6 @@ async def test_metrics_move_and_health_answers(harness: Harness) -> None:
         await harness.publish(price_change(audience="lapsed"))
         await harness.wait_finished(2)
         after = await (await http.get(f"{base}/metrics")).text()
-
-    def sample(text: str, name: str) -> float:
-        lines = [line for line in text.splitlines() if line.startswith(name + " ")]
-        return float(lines[0].split()[-1]) if lines else 0.0
 
     sent = 'notifications_messages_total{outcome="sent"}'
     rejected = 'notifications_dead_letters_total{reason="rejected"}'
