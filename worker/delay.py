@@ -15,7 +15,8 @@ with its priority and headers intact:
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -29,7 +30,9 @@ MAX_DELAY_SECONDS = 2**LEVELS - 1
 
 
 class DelayBackend(Protocol):
-    name: DelayBackendName
+    @property
+    def name(self) -> DelayBackendName:
+        """Which backend this is, for logs and metrics."""
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
         """Publish ``message`` to come back to the work queue after the delay, confirmed."""
@@ -46,12 +49,11 @@ def _pattern(level: int, bit: str) -> str:
     return "*." * (LEVELS - 1 - level) + bit + ".#"
 
 
+@dataclass(frozen=True, slots=True)
 class TtlCascade:
-    name = DelayBackendName.TTL
-
-    def __init__(self, entry: AbstractExchange, destination: str) -> None:
-        self._entry = entry
-        self._destination = destination
+    entry: AbstractExchange
+    destination: str
+    name: ClassVar[DelayBackendName] = DelayBackendName.TTL
 
     @classmethod
     async def declare(cls, channel: AbstractChannel, topology: Topology) -> TtlCascade:
@@ -93,17 +95,16 @@ class TtlCascade:
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
         seconds = min(max(round(delay_seconds), 0), MAX_DELAY_SECONDS)
         # mandatory: a cascade that is missing must raise, not swallow the retry
-        await self._entry.publish(
-            message, routing_key=delay_routing_key(seconds, self._destination), mandatory=True
+        await self.entry.publish(
+            message, routing_key=delay_routing_key(seconds, self.destination), mandatory=True
         )
 
 
+@dataclass(frozen=True, slots=True)
 class PluginDelay:
-    name = DelayBackendName.PLUGIN
-
-    def __init__(self, exchange: AbstractExchange, destination: str) -> None:
-        self._exchange = exchange
-        self._destination = destination
+    exchange: AbstractExchange
+    destination: str
+    name: ClassVar[DelayBackendName] = DelayBackendName.PLUGIN
 
     @classmethod
     async def declare(cls, channel: AbstractChannel, topology: Topology) -> PluginDelay:
@@ -121,7 +122,7 @@ class PluginDelay:
         message.headers["x-delay"] = max(round(delay_seconds * 1000), 0)
         # Not mandatory: the plugin answers every delayed publish with a no-route return
         # although it delivers the message later.
-        await self._exchange.publish(message, routing_key=self._destination, mandatory=False)
+        await self.exchange.publish(message, routing_key=self.destination, mandatory=False)
 
 
 async def broker_has_plugin(amqp_url: str, names: Names) -> bool:
