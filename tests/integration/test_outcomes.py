@@ -76,6 +76,24 @@ async def test_5xx_is_retried_with_falling_priority_then_sent(harness: Harness) 
     assert retries == [(top - 1, 1), (top - 2, 2)]
 
 
+async def test_timeout_is_retried_and_the_late_acceptance_recorded(harness: Harness) -> None:
+    harness.provider.latency_ms = 2000
+    await harness.start(provider_timeout_seconds=0.5)
+    body = price_change()
+    await harness.publish(body)
+
+    async def first_request() -> bool:
+        return len(harness.provider.requests) == 1
+
+    await harness.wait_for(first_request, what="the first provider request")
+    harness.provider.latency_ms = 0  # the provider recovers; it did accept the first call
+    await harness.wait_finished(1)
+
+    assert [r.status for r in harness.provider.requests] == [200, 409]
+    row = await harness.delivery(key_of(body))
+    assert (row.status, row.provider_status, row.attempts) == ("sent", 409, 2)
+
+
 async def test_exhausted_after_max_attempts(harness: Harness) -> None:
     harness.provider.set_rules([Rule(channel="email", audience="b", status=503)])
     await harness.start(max_attempts=3)
