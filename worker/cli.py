@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.consumer import Replica
 from worker.logs import configure_logging
+from worker.persistence import SchemaMismatch
 from worker.settings import ConfigError, Settings, load_settings
 
 log = structlog.get_logger("worker.cli")
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"worker: configuration error: {exc}", file=sys.stderr)
         return 2
+    except SchemaMismatch as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 1
     except (AMQPError, SQLAlchemyError, OSError) as exc:
         print(f"worker: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

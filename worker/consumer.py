@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.admission import Admission
 from worker.delay import declare_delay_backend
 from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED, HealthServer
-from worker.persistence import DeliveryStore, create_engine
+from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
 from worker.settings import Settings, mask_url
@@ -41,6 +41,7 @@ _PROBE_SECONDS = 1.0
 # The channel the message came on is gone: it cannot be acked or returned, and the broker
 # has already put it back on the queue. (AMQPConnectionError is an OSError: test it first.)
 _CONNECTION_LOST = (ChannelInvalidStateError, AMQPConnectionError)
+# Everything else from the database (or its socket) is taken as the database being away.
 _DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
@@ -100,40 +101,60 @@ class Replica:
         self._engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
         self._store = DeliveryStore(self._engine)
         self._gate = DatabaseGate(self._store.ping)
+        self._connection: AbstractRobustConnection | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        health = HealthServer(self.settings.metrics_port, self._ready)
+        try:
+            if self.settings.metrics_port:
+                await health.start()
+            await self._wait_for_schema(stop)
+            if not stop.is_set():
+                await self._connect_and_serve(stop)
+        finally:
+            self._gate.cancel()
+            await health.stop()
+            await self._engine.dispose()
+        log.info("stopped")
+
+    async def _ready(self) -> bool:
+        """Connected to the broker and the database, and consuming."""
+        return (
+            self._consuming
+            and self._gate.is_open
+            and self._connection is not None
+            and self._connection.connected.is_set()
+            and await self._store.ping()
+        )
+
+    async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
         connection = await aio_pika.connect_robust(
             settings.amqp_url, reconnect_interval=_RECONNECT_SECONDS
         )
-        store = self._store
+        self._connection = connection
         provider = ProviderClient(
             settings.require_provider_url(),
             settings.provider_timeout_seconds,
             settings.concurrency,
         )
-
-        async def ready() -> bool:
-            return (
-                self._consuming
-                and self._gate.is_open
-                and connection.connected.is_set()
-                and await store.ping()
-            )
-
-        health = HealthServer(settings.metrics_port, ready)
         try:
-            if settings.metrics_port:
-                await health.start()
-            await self._serve(connection, store, provider, stop)
+            await self._serve(connection, self._store, provider, stop)
         finally:
             self._consuming = False
-            self._gate.cancel()
-            await health.stop()
             await connection.close()
             await provider.close()
-            await self._engine.dispose()
-        log.info("stopped")
+
+    async def _wait_for_schema(self, stop: asyncio.Event) -> None:
+        """Check the schema revision; while the database is unreachable, wait for it."""
+        while not stop.is_set():
+            try:
+                await self._store.check_schema()
+                return
+            except _DATABASE_ERRORS as exc:
+                log.warning("database_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _RECONNECT_SECONDS)
 
     async def _serve(
         self,
@@ -209,6 +230,12 @@ class Replica:
             await handler(incoming)
         except _CONNECTION_LOST as exc:
             log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])
+        except STATEMENT_ERRORS as exc:
+            # the database answered, but refused this statement: a bug or bad data, not an
+            # outage; the message goes back rather than being failed
+            log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc.orig}"[:300])
+            await asyncio.sleep(_ERROR_PAUSE_SECONDS)
+            await _return(incoming, "database")
         except _DATABASE_ERRORS as exc:
             self._gate.close(exc)
             with contextlib.suppress(TimeoutError):

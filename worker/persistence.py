@@ -19,12 +19,20 @@ from typing import Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import DateTime, Integer, LargeBinary
 
 from worker.decisions import ClaimState
 from worker.message import PriceChange
+from worker.schema import SCHEMA_REVISION
+
+# Errors of a statement or of its data, not of the database's reachability.
+STATEMENT_ERRORS = (ProgrammingError, IntegrityError, DataError)
+
+
+class SchemaMismatch(RuntimeError):
+    """The database is not at the schema revision this code expects."""
 
 
 def _json_default(value: object) -> object:
@@ -209,6 +217,19 @@ class DeliveryStore:
         except (SQLAlchemyError, OSError, TimeoutError):
             return False
         return True
+
+    async def check_schema(self) -> None:
+        """Raise :class:`SchemaMismatch` unless the migrations are at ``SCHEMA_REVISION``."""
+        try:
+            rows = await self._execute(text("SELECT version_num FROM alembic_version"), {})
+        except ProgrammingError:
+            rows = []
+        found = rows[0].version_num if rows else None
+        if found != SCHEMA_REVISION:
+            raise SchemaMismatch(
+                f"database schema is at revision {found}, this worker needs {SCHEMA_REVISION}: "
+                "run `worker migrate`"
+            )
 
     async def _execute(self, statement: Any, params: dict[str, Any]) -> list[Any]:
         async with self.engine.connect() as conn:

@@ -21,6 +21,9 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 metadata = MetaData()
 
+# The Alembic revision this code expects; `worker run` refuses to start on any other.
+SCHEMA_REVISION = "0001"
+
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
 

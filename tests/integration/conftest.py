@@ -32,7 +32,6 @@ from worker.topology import Names
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEMPLATE_DB = "nw_test_template"
 
 pytestmark = pytest.mark.integration
 
@@ -42,34 +41,41 @@ def _db_url(name: str) -> str:
     return f"{base}/{name}"
 
 
-@pytest.fixture(scope="session")
-async def template_db() -> str:
-    """A database migrated once per session; every test copies it."""
+async def _admin(statement: str) -> None:
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        await conn.execute(statement)
     finally:
         await conn.close()
-    settings = load_settings(database_url=_db_url(TEMPLATE_DB))
+
+
+@pytest.fixture(scope="session")
+async def template_db() -> AsyncIterator[str]:
+    """A database migrated once per session (named per session, so that two test runs on one
+    machine never share it); every test copies it."""
+    name = f"nw_test_template_{uuid.uuid4().hex[:8]}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    settings = load_settings(database_url=_db_url(name))
     await asyncio.to_thread(migrate, settings)
-    return TEMPLATE_DB
+    yield name
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def empty_database_url() -> AsyncIterator[str]:
+    """A database with no schema at all."""
+    name = f"nw_test_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    yield _db_url(name)
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def database_url(template_db: str) -> AsyncIterator[str]:
     name = f"nw_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await conn.close()
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield _db_url(name)
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

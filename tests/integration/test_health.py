@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiohttp
 
+from worker.consumer import Replica
 from worker.demo_provider import Rule
 
 from .conftest import Harness, price_change
@@ -48,8 +50,20 @@ async def test_metrics_move_and_health_answers(harness: Harness) -> None:
 
 async def test_readyz_is_false_while_the_database_is_unreachable(harness: Harness) -> None:
     port = free_port()
-    await harness.start(metrics_port=port, database_url="postgresql://postgres@127.0.0.1:1/x")
-    async with aiohttp.ClientSession() as http:
-        response = await http.get(f"http://127.0.0.1:{port}/readyz")
-        assert response.status == 503
-        assert (await http.get(f"http://127.0.0.1:{port}/healthz")).status == 200
+    settings = harness.settings(metrics_port=port, database_url="postgresql://u@127.0.0.1:1/x")
+    stop = asyncio.Event()
+    replica = asyncio.create_task(Replica(settings).run(stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def alive() -> bool:
+                try:
+                    return (await http.get(f"http://127.0.0.1:{port}/healthz")).status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await harness.wait_for(alive, what="/healthz")
+            assert (await http.get(f"http://127.0.0.1:{port}/readyz")).status == 503
+    finally:
+        stop.set()
+        await asyncio.wait_for(replica, timeout=10)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from worker.cli import find_alembic_ini
+from worker.consumer import Replica
+from worker.persistence import SchemaMismatch
+from worker.schema import SCHEMA_REVISION
+from worker.settings import load_settings
 
 
 def _config(database_url: str) -> Config:
@@ -29,3 +35,14 @@ async def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     await asyncio.to_thread(command.downgrade, config, "base")
     await asyncio.to_thread(command.upgrade, config, "head")
     await asyncio.to_thread(command.check, config)
+
+
+def test_the_code_expects_the_latest_migration() -> None:
+    config = Config(str(find_alembic_ini()))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_REVISION
+
+
+async def test_worker_refuses_to_start_on_an_unmigrated_database(empty_database_url: str) -> None:
+    settings = load_settings(database_url=empty_database_url, provider_url="http://127.0.0.1:1")
+    with pytest.raises(SchemaMismatch, match="run `worker migrate`"):
+        await Replica(settings).run(asyncio.Event())
