@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -130,7 +131,10 @@ class Replica:
     async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
         connection = await aio_pika.connect_robust(
-            settings.amqp_url, reconnect_interval=_RECONNECT_SECONDS
+            settings.amqp_url,
+            reconnect_interval=_RECONNECT_SECONDS,
+            # names the replica in the management UI and `rabbitmqctl list_connections`
+            client_properties={"connection_name": f"worker {settings.queue} pid {os.getpid()}"},
         )
         self._connection = connection
         provider = ProviderClient(

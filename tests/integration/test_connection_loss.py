@@ -15,6 +15,31 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+async def close_replica_connections(queue: str) -> None:
+    """Have the broker close the connections of the replicas serving ``queue`` (and only
+    those: other test runs on this broker are left alone)."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        "list_connections",
+        "pid",
+        "client_properties",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await listing.communicate()
+    pids = [
+        line.split("\t", 1)[0]
+        for line in out.decode().splitlines()
+        if f'"worker {queue} pid' in line
+    ]
+    assert pids, f"no replica connection for {queue}"
+    for pid in pids:
+        closing = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "-q", "close_connection", pid, "test: connection lost mid-send"
+        )
+        assert await closing.wait() == 0
+
+
 async def test_in_flight_send_is_recorded_when_the_connection_drops(harness: Harness) -> None:
     harness.provider.latency_ms = 1500
     await harness.start()
@@ -25,10 +50,7 @@ async def test_in_flight_send_is_recorded_when_the_connection_drops(harness: Har
         return len(harness.provider.requests) == 1
 
     await harness.wait_for(provider_called, what="the provider call")
-    closing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", "close_all_connections", "test: connection lost mid-send"
-    )
-    assert await closing.wait() == 0
+    await close_replica_connections(harness.names.queue)
     await harness.wait_finished(1)
 
     row = await harness.delivery(key_of(body))
