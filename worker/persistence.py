@@ -55,7 +55,9 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it would cost a round trip per checkout, i.e. per statement. A dead
+        # connection (database restarted) fails its statement, SQLAlchemy invalidates the
+        # pool, and the replica's database gate holds messages until a fresh one answers.
         isolation_level="AUTOCOMMIT",
         json_serializer=dumps,
         # fail fast when PostgreSQL is away, instead of asyncpg's 60 s connect timeout
