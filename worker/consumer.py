@@ -143,7 +143,7 @@ class Replica:
             settings.concurrency,
         )
         try:
-            await self._serve(connection, self._store, provider, stop)
+            await self._serve(connection, provider, stop)
         finally:
             self._consuming = False
             await connection.close()
@@ -163,7 +163,6 @@ class Replica:
     async def _serve(
         self,
         connection: AbstractRobustConnection,
-        store: DeliveryStore,
         provider: ProviderClient,
         stop: asyncio.Event,
     ) -> None:
@@ -174,7 +173,7 @@ class Replica:
         delay = await declare_delay_backend(
             settings.amqp_url, channel, topology, settings.delay_backend
         )
-        pipeline = Pipeline(settings, store, provider, delay)
+        pipeline = Pipeline(settings, self._store, provider, delay)
 
         admission_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await admission_channel.set_qos(prefetch_count=settings.concurrency)
@@ -197,7 +196,7 @@ class Replica:
         await stop.wait()
 
         log.info("stopping", in_flight=len(self._in_flight))
-        self._consuming = False
+        self._consuming = False  # not ready from here on
         self._stopping = True
         # A channel that is reconnecting has no consumer to cancel; if it comes back during
         # the drain, _track hands its deliveries straight back.
@@ -261,6 +260,7 @@ class Replica:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+            RETURNED.labels("shutdown").inc(len(pending))
             log.warning("returned_unfinished", count=len(pending))
 
 
