@@ -138,7 +138,13 @@ _RECORD_FAILURE = text(
 
 _MARK_SUPERSEDED = text(
     """
-    UPDATE deliveries SET status = 'superseded', updated_at = now()
+    UPDATE deliveries
+    SET status = 'superseded', updated_at = now(),
+        -- an earlier attempt that got no answer may have reached the provider: say so
+        last_error = CASE WHEN attempts > 0 AND provider_status IS NULL
+                          THEN 'superseded; an earlier attempt got no answer and may have '
+                               || 'been delivered (' || coalesce(last_error, '') || ')'
+                          ELSE last_error END
     WHERE idempotency_key = :key AND status = 'pending'
     """
 )

@@ -187,6 +187,29 @@ async def test_stale_message_is_superseded(harness: Harness) -> None:
     assert mark.lease_token is None
 
 
+async def test_superseded_after_a_lost_answer_says_it_may_have_been_delivered(
+    harness: Harness,
+) -> None:
+    older = price_change(price="189")
+    newer = price_change(price="190", occurred_at=datetime.now(UTC).isoformat())
+    # The older one's answer is lost, and its retry waits 1 s: the newer one goes first.
+    harness.provider.set_rules([Rule(drop=True, times=1)])
+    await harness.start(backoff_base_seconds=1)
+    await harness.publish(older)
+
+    async def dropped() -> bool:
+        return len(harness.provider.requests) == 1
+
+    await harness.wait_for(dropped, what="the dropped send")
+    await harness.publish(newer)
+    await harness.wait_finished(2)
+
+    row = await harness.delivery(key_of(older))
+    assert row.status == "superseded"
+    assert "may have been delivered" in row.last_error
+    assert [r.key for r in harness.provider.requests] == [key_of(older), key_of(newer)]
+
+
 async def test_the_same_message_delivered_twice_is_sent_once(harness: Harness) -> None:
     await harness.start(concurrency=8)
     body = price_change()
