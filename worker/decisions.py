@@ -64,16 +64,26 @@ class ClaimState:
     """What the database says about a key and its topic at one instant."""
 
     delivery_status: str
-    watermark: datetime | None
+    watermark: datetime | None  # occurred_at of the newest message sent (or maybe sent)
     lease_until: datetime | None
+    lease_occurred_at: datetime | None  # occurred_at of the message the lease was taken for
     now: datetime
 
 
 def decide_claim(state: ClaimState, occurred_at: datetime) -> ClaimAction:
+    """Send only a pending key, never behind a newer message, never beside another send.
+
+    A lease that expired unreleased means its holder crashed mid-send: its message may have
+    reached the provider, so for ordering it counts as sent.
+    """
     if state.delivery_status != "pending":
         return ClaimAction.FINISHED
     if is_stale(occurred_at, state.watermark):
         return ClaimAction.SUPERSEDED
-    if state.lease_until is not None and state.lease_until > state.now:
+    if state.lease_until is None:
+        return ClaimAction.CLAIM
+    if state.lease_until > state.now:
         return ClaimAction.WAIT
+    if is_stale(occurred_at, state.lease_occurred_at):
+        return ClaimAction.SUPERSEDED
     return ClaimAction.CLAIM

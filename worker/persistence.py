@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.types import DateTime, Integer, LargeBinary
+from sqlalchemy.types import Boolean, DateTime, Integer, LargeBinary
 
 from worker.decisions import ClaimState
 from worker.message import PriceChange
@@ -81,7 +81,7 @@ _READ_STATE = text(
     SELECT COALESCE((SELECT status FROM new_delivery),
                     (SELECT status FROM deliveries WHERE idempotency_key = :key),
                     'pending') AS status,
-           t.occurred_at AS watermark, t.lease_until,
+           t.occurred_at AS watermark, t.lease_until, t.lease_occurred_at,
            COALESCE(t.version, 0) AS version, now() AS now
     FROM (VALUES (1)) AS one (x)
     LEFT JOIN topic_watermarks AS t ON t.topic_key = :topic
@@ -96,11 +96,15 @@ _TAKE_LEASE = text(
     """
     UPDATE topic_watermarks
     SET lease_token = :token, lease_until = now() + make_interval(secs => :lease_seconds),
+        lease_occurred_at = :occurred_at,
+        -- taking over an expired lease: its holder may have delivered before it died
+        occurred_at = CASE WHEN lease_until IS NULL THEN occurred_at
+                           ELSE GREATEST(occurred_at, lease_occurred_at) END,
         version = version + 1
     WHERE topic_key = :topic AND version = :version
     RETURNING version
     """
-)
+).bindparams(bindparam("occurred_at", type_=DateTime(timezone=True)))
 
 _MARK_SENT = text(
     """
@@ -117,13 +121,23 @@ _MARK_SENT = text(
         occurred_at = GREATEST(occurred_at, :occurred_at),
         lease_token = CASE WHEN lease_token = :token THEN NULL ELSE lease_token END,
         lease_until = CASE WHEN lease_token = :token THEN NULL ELSE lease_until END,
+        lease_occurred_at = CASE WHEN lease_token = :token THEN NULL ELSE lease_occurred_at END,
         version = version + 1
     WHERE topic_key = :topic
     """
 ).bindparams(bindparam("occurred_at", type_=DateTime(timezone=True)))
 
+# Releasing the lease after a failed send. An attempt that got no answer (timeout, cut
+# connection) may have reached the provider: for ordering it counts as sent, so the watermark
+# rises to its occurred_at and no older message of the topic is sent after it.
+_RELEASE = """
+    lease_token = NULL, lease_until = NULL, lease_occurred_at = NULL, version = version + 1,
+    occurred_at = CASE WHEN :maybe_delivered THEN GREATEST(occurred_at, lease_occurred_at)
+                       ELSE occurred_at END
+"""
+
 _RECORD_FAILURE = text(
-    """
+    f"""
     WITH delivery AS (
         UPDATE deliveries
         SET attempts = :attempts, last_error = :last_error, provider_status = :provider_status,
@@ -131,10 +145,10 @@ _RECORD_FAILURE = text(
         WHERE idempotency_key = :key AND status = 'pending'
     )
     UPDATE topic_watermarks
-    SET lease_token = NULL, lease_until = NULL, version = version + 1
+    SET {_RELEASE}
     WHERE topic_key = :topic AND lease_token = :token
     """
-)
+).bindparams(bindparam("maybe_delivered", type_=Boolean))
 
 _MARK_SUPERSEDED = text(
     """
@@ -168,7 +182,7 @@ _DEAD_LETTER_DELIVERY = text(
         RETURNING idempotency_key
     ), released AS (
         UPDATE topic_watermarks
-        SET lease_token = NULL, lease_until = NULL, version = version + 1
+        SET {_RELEASE}
         WHERE topic_key = :topic AND lease_token = :token
     )
     INSERT INTO dead_letters {_DEAD_LETTER_COLUMNS}
@@ -184,6 +198,7 @@ _DEAD_LETTER_DELIVERY = text(
     bindparam("first_seen_at", type_=DateTime(timezone=True)),
     bindparam("occurred_at", type_=DateTime(timezone=True)),
     bindparam("provider_status", type_=Integer),
+    bindparam("maybe_delivered", type_=Boolean),
 )
 
 _DEAD_LETTER_INVALID = text(
@@ -264,6 +279,7 @@ class DeliveryStore:
             delivery_status=row.status,
             watermark=row.watermark,
             lease_until=row.lease_until,
+            lease_occurred_at=row.lease_occurred_at,
             now=row.now,
         )
         return state, int(row.version)
@@ -276,6 +292,7 @@ class DeliveryStore:
             _TAKE_LEASE,
             {
                 "topic": message.topic_key,
+                "occurred_at": message.occurred_at,
                 "version": version,
                 "token": token,
                 "lease_seconds": lease_seconds,
@@ -313,7 +330,11 @@ class DeliveryStore:
         provider_status: int | None,
         last_error: str,
     ) -> None:
-        """Count a failed attempt and release the lease so the retry can claim again."""
+        """Count a failed attempt and release the lease so the retry can claim again.
+
+        ``provider_status`` None (no answer) may mean the provider accepted it: the topic's
+        watermark then rises to this message, so no older one is sent after it.
+        """
         await self._execute(
             _RECORD_FAILURE,
             {
@@ -323,6 +344,7 @@ class DeliveryStore:
                 "attempts": attempts,
                 "provider_status": provider_status,
                 "last_error": last_error,
+                "maybe_delivered": provider_status is None,
             },
         )
 
@@ -350,6 +372,7 @@ class DeliveryStore:
                 "payload": message.stored_payload(),
                 "token": token,
                 "provider_status": provider_status,
+                "maybe_delivered": provider_status is None,
                 "ticker": message.ticker,
                 "channel": message.channel,
                 "audience": message.audience,

@@ -56,6 +56,7 @@ topic_watermarks = Table(
     # the topic lease: one send in flight per topic key, so an older price never overtakes
     Column("lease_token", UUID(as_uuid=True)),
     Column("lease_until", DateTime(timezone=True)),
+    Column("lease_occurred_at", DateTime(timezone=True)),
     Column("version", BigInteger, nullable=False, server_default=text("0")),
 )
 

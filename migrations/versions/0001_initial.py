@@ -47,6 +47,7 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.Text()),
         sa.Column("lease_token", postgresql.UUID(as_uuid=True)),
         sa.Column("lease_until", sa.DateTime(timezone=True)),
+        sa.Column("lease_occurred_at", sa.DateTime(timezone=True)),
         sa.Column("version", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
     )
 

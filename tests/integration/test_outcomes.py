@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import text
+
 from worker.demo_provider import Rule
 from worker.message import parse_message
 
@@ -208,6 +210,59 @@ async def test_superseded_after_a_lost_answer_says_it_may_have_been_delivered(
     assert row.status == "superseded"
     assert "may have been delivered" in row.last_error
     assert [r.key for r in harness.provider.requests] == [key_of(older), key_of(newer)]
+
+
+async def test_older_message_is_not_sent_after_a_newer_one_whose_answer_was_lost(
+    harness: Harness,
+) -> None:
+    now = datetime.now(UTC)
+    newer = price_change(price="190", occurred_at=now.isoformat())
+    older = price_change(price="189", occurred_at=(now - timedelta(seconds=5)).isoformat())
+    # The provider accepts the newer one but its answer is lost: it may have been delivered.
+    harness.provider.set_rules([Rule(drop=True, times=1)])
+    await harness.start(backoff_base_seconds=2)
+    await harness.publish(newer)
+
+    async def dropped() -> bool:
+        return len(harness.provider.requests) == 1
+
+    await harness.wait_for(dropped, what="the dropped send")
+    await harness.publish(older)  # arrives while the newer one waits for its retry
+    await harness.wait_finished(2)
+
+    assert (await harness.delivery(key_of(older))).status == "superseded"
+    assert [(r.key, r.status) for r in harness.provider.requests] == [
+        (key_of(newer), 200),
+        (key_of(newer), 409),
+    ]
+
+
+async def test_older_message_is_not_sent_after_a_crashed_send_of_a_newer_one(
+    harness: Harness,
+) -> None:
+    now = datetime.now(UTC)
+    newer = price_change(price="190", occurred_at=now.isoformat())
+    older = price_change(price="189", occurred_at=(now - timedelta(seconds=5)).isoformat())
+    topic = "AAPL|email|premium"
+    # A replica took the topic lease for the newer message and died mid-send.
+    async with harness.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO topic_watermarks (topic_key, lease_token, lease_until,"
+                " lease_occurred_at, version)"
+                " VALUES (:topic, gen_random_uuid(), now() - interval '1 second', :at, 1)"
+            ),
+            {"topic": topic, "at": now},
+        )
+    await harness.start()
+    await harness.publish(older)
+    await harness.wait_finished(1)
+    assert (await harness.delivery(key_of(older))).status == "superseded"
+
+    await harness.publish(newer)  # the crashed replica's message, redelivered
+    await harness.wait_finished(2)
+    assert (await harness.delivery(key_of(newer))).status == "sent"
+    assert [r.key for r in harness.provider.requests] == [key_of(newer)]
 
 
 async def test_the_same_message_delivered_twice_is_sent_once(harness: Harness) -> None:

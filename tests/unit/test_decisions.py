@@ -170,8 +170,15 @@ def _state(
     status: str = "pending",
     watermark: datetime | None = None,
     lease_until: datetime | None = None,
+    lease_occurred_at: datetime | None = None,
 ) -> ClaimState:
-    return ClaimState(delivery_status=status, watermark=watermark, lease_until=lease_until, now=NOW)
+    return ClaimState(
+        delivery_status=status,
+        watermark=watermark,
+        lease_until=lease_until,
+        lease_occurred_at=lease_occurred_at,
+        now=NOW,
+    )
 
 
 @pytest.mark.parametrize("status", ["sent", "superseded", "dead"])
@@ -211,6 +218,22 @@ def test_decide_claim_wait_while_lease_held() -> None:
 )
 def test_decide_claim_claims_expired_lease(lease_until: datetime) -> None:
     assert decide_claim(_state(lease_until=lease_until), NOW) is ClaimAction.CLAIM
+    same_message = _state(lease_until=lease_until, lease_occurred_at=NOW)
+    assert decide_claim(same_message, NOW) is ClaimAction.CLAIM
+    older_message = _state(lease_until=lease_until, lease_occurred_at=NOW - SECOND)
+    assert decide_claim(older_message, NOW) is ClaimAction.CLAIM
+
+
+def test_decide_claim_expired_lease_of_a_newer_message_supersedes() -> None:
+    # Its holder died mid-send: the newer message may have been delivered.
+    state = _state(lease_until=NOW - SECOND, lease_occurred_at=NOW + SECOND)
+    assert decide_claim(state, NOW) is ClaimAction.SUPERSEDED
+
+
+def test_decide_claim_held_lease_of_a_newer_message_waits() -> None:
+    # Still in flight: it may yet fail for good, so the older one waits rather than ends.
+    state = _state(lease_until=NOW + SECOND, lease_occurred_at=NOW + SECOND)
+    assert decide_claim(state, NOW) is ClaimAction.WAIT
 
 
 def test_decide_claim_no_lease() -> None:
