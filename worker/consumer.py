@@ -18,6 +18,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError
+from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.admission import Admission
@@ -128,14 +129,35 @@ class Replica:
             and await self._store.ping()
         )
 
+    async def _connect(self, stop: asyncio.Event) -> AbstractRobustConnection | None:
+        """The broker connection; while the broker is unreachable, wait for it (None: stopped).
+
+        Refused credentials are not waited for: they will not fix themselves.
+        """
+        settings = self.settings
+        while not stop.is_set():
+            try:
+                return await aio_pika.connect_robust(
+                    settings.amqp_url,
+                    reconnect_interval=_RECONNECT_SECONDS,
+                    # names the replica in the management UI and `rabbitmqctl list_connections`
+                    client_properties={
+                        "connection_name": f"worker {settings.queue} pid {os.getpid()}"
+                    },
+                )
+            except ProbableAuthenticationError:
+                raise
+            except (AMQPConnectionError, OSError) as exc:
+                log.warning("broker_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _RECONNECT_SECONDS)
+        return None
+
     async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url,
-            reconnect_interval=_RECONNECT_SECONDS,
-            # names the replica in the management UI and `rabbitmqctl list_connections`
-            client_properties={"connection_name": f"worker {settings.queue} pid {os.getpid()}"},
-        )
+        connection = await self._connect(stop)
+        if connection is None:
+            return
         self._connection = connection
         provider = ProviderClient(
             settings.require_provider_url(),

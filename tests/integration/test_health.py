@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 import aiohttp
+import pytest
 
 from worker.consumer import Replica
 from worker.demo_provider import Rule
@@ -48,9 +49,19 @@ async def test_metrics_move_and_health_answers(harness: Harness) -> None:
     assert "notifications_provider_request_seconds_count" in after
 
 
-async def test_readyz_is_false_while_the_database_is_unreachable(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    "unreachable",
+    [
+        {"database_url": "postgresql://u@127.0.0.1:1/x"},
+        {"amqp_url": "amqp://guest:guest@127.0.0.1:1/"},
+    ],
+    ids=["database", "broker"],
+)
+async def test_replica_waits_unready_while_a_service_is_unreachable(
+    harness: Harness, unreachable: dict[str, str]
+) -> None:
     port = free_port()
-    settings = harness.settings(metrics_port=port, database_url="postgresql://u@127.0.0.1:1/x")
+    settings = harness.settings(metrics_port=port, **unreachable)
     stop = asyncio.Event()
     replica = asyncio.create_task(Replica(settings).run(stop))
     try:
