@@ -37,6 +37,7 @@ from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 from sqlalchemy import ARRAY, BigInteger, Text, any_, bindparam, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
 from worker.admin.errors import Failure, describe
@@ -224,7 +225,8 @@ async def _batch(
 
 async def _rollback_quietly(tx: AsyncTransaction) -> None:
     """Roll back if the connection still can; if not, closing it rolls back on the server."""
-    with contextlib.suppress(Exception):  # the original error is the one to report
+    # the original error is the one to report
+    with contextlib.suppress(SQLAlchemyError, OSError):
         await tx.rollback()
 
 
