@@ -27,6 +27,8 @@ from worker.topology import Names, Topology
 
 LEVELS = 28
 MAX_DELAY_SECONDS = 2**LEVELS - 1
+# The plugin keeps delays in Erlang timers: at most 2^32-1 ms, about 49.7 days.
+MAX_PLUGIN_DELAY_MS = 2**32 - 1
 
 
 class DelayBackend(Protocol):
@@ -119,7 +121,7 @@ class PluginDelay:
         return cls(exchange, names.queue)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
-        message.headers["x-delay"] = max(round(delay_seconds * 1000), 0)
+        message.headers["x-delay"] = min(max(round(delay_seconds * 1000), 0), MAX_PLUGIN_DELAY_MS)
         # Not mandatory: the plugin answers every delayed publish with a no-route return
         # although it delivers the message later.
         await self.exchange.publish(message, routing_key=self.destination, mandatory=False)

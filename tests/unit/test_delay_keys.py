@@ -18,10 +18,19 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
-from worker.delay import LEVELS, MAX_DELAY_SECONDS, TtlCascade, _pattern, delay_routing_key
+from worker.delay import (
+    LEVELS,
+    MAX_DELAY_SECONDS,
+    MAX_PLUGIN_DELAY_MS,
+    PluginDelay,
+    TtlCascade,
+    _pattern,
+    delay_routing_key,
+)
 from worker.topology import Names, Topology
 
 QUEUE = "notifications.work"
@@ -383,3 +392,19 @@ async def test_publish_rounds_and_clamps_the_delay(delay: float, seconds: int) -
     message = object()
     await cascade.publish(cast(Any, message), delay)
     assert recorder.published == [(message, delay_routing_key(seconds, QUEUE), True)]
+
+
+@pytest.mark.parametrize(
+    ("delay", "milliseconds"),
+    [(0.0, 0), (1.5, 1500), (-2.0, 0), (60 * 86400.0, MAX_PLUGIN_DELAY_MS)],
+)
+async def test_plugin_publish_sets_x_delay_within_the_timer_limit(
+    delay: float, milliseconds: int
+) -> None:
+    recorder = _Recorder()
+    plugin = PluginDelay(cast(Any, _FakeExchange(recorder, "q.retry")), QUEUE)
+    message = aio_pika.Message(b"{}")
+    await plugin.publish(message, delay)
+    # not mandatory: the plugin returns every delayed publish as unroutable
+    assert recorder.published == [(message, QUEUE, False)]
+    assert message.headers["x-delay"] == milliseconds
