@@ -27,7 +27,7 @@ from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED, HealthServer
 from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
-from worker.settings import Settings, mask_url
+from worker.settings import Settings
 from worker.topology import declare_topology
 
 log = structlog.get_logger("worker.consumer")
@@ -213,7 +213,7 @@ class Replica:
             queue=topology.names.queue,
             delay_backend=delay.name,
             concurrency=settings.concurrency,
-            broker=mask_url(settings.amqp_url),
+            settings=settings.safe_dump(),  # every setting, secrets masked
         )
         await stop.wait()
 
