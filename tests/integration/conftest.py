@@ -210,6 +210,14 @@ class Harness:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             await asyncio.sleep(0.05)
 
+    async def wait_for_requests(self, count: int, what: str) -> None:
+        """Until the provider has received at least ``count`` requests."""
+
+        async def received() -> bool:
+            return len(self.provider.requests) >= count
+
+        await self.wait_for(received, what=what)
+
     async def wait_finished(self, count: int, timeout: float = 20) -> None:
         """Until ``count`` messages have ended: sent, superseded, or dead letters."""
 

@@ -46,10 +46,7 @@ async def test_in_flight_send_is_recorded_when_the_connection_drops(harness: Har
     body = price_change()
     await harness.publish(body)
 
-    async def provider_called() -> bool:
-        return len(harness.provider.requests) == 1
-
-    await harness.wait_for(provider_called, what="the provider call")
+    await harness.wait_for_requests(1, what="the provider call")
     await close_replica_connections(harness.names.queue)
     await harness.wait_finished(1)
 

@@ -84,10 +84,7 @@ async def test_timeout_is_retried_and_the_late_acceptance_recorded(harness: Harn
     body = price_change()
     await harness.publish(body)
 
-    async def first_request() -> bool:
-        return len(harness.provider.requests) == 1
-
-    await harness.wait_for(first_request, what="the first provider request")
+    await harness.wait_for_requests(1, what="the first provider request")
     harness.provider.latency_ms = 0  # the provider recovers; it did accept the first call
     await harness.wait_finished(1)
 
@@ -199,10 +196,7 @@ async def test_superseded_after_a_lost_answer_says_it_may_have_been_delivered(
     await harness.start(backoff_base_seconds=1)
     await harness.publish(older)
 
-    async def dropped() -> bool:
-        return len(harness.provider.requests) == 1
-
-    await harness.wait_for(dropped, what="the dropped send")
+    await harness.wait_for_requests(1, what="the dropped send")
     await harness.publish(newer)
     await harness.wait_finished(2)
 
@@ -223,10 +217,7 @@ async def test_older_message_is_not_sent_after_a_newer_one_whose_answer_was_lost
     await harness.start(backoff_base_seconds=2)
     await harness.publish(newer)
 
-    async def dropped() -> bool:
-        return len(harness.provider.requests) == 1
-
-    await harness.wait_for(dropped, what="the dropped send")
+    await harness.wait_for_requests(1, what="the dropped send")
     await harness.publish(older)  # arrives while the newer one waits for its retry
     await harness.wait_finished(2)
 

@@ -24,10 +24,7 @@ async def test_new_messages_overtake_a_backlog_of_retries(harness: Harness) -> N
 
     await harness.start(concurrency=1)
 
-    async def two_served() -> bool:
-        return len(harness.provider.requests) >= 2
-
-    await harness.wait_for(two_served, what="the backlog to start draining")
+    await harness.wait_for_requests(2, what="the backlog to start draining")
     fresh = [price_change(ticker=f"NEW{i}") for i in range(5)]
     for body in fresh:
         await harness.publish(body)
