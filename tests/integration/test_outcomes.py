@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import text
 
@@ -206,12 +207,18 @@ async def test_superseded_after_a_lost_answer_says_it_may_have_been_delivered(
     assert [r.key for r in harness.provider.requests] == [key_of(older), key_of(newer)]
 
 
-async def test_older_message_is_not_sent_after_a_newer_one_whose_answer_was_lost(
-    harness: Harness,
-) -> None:
+def newer_and_older() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two prices of one topic, the older 5 s before the newer."""
     now = datetime.now(UTC)
     newer = price_change(price="190", occurred_at=now.isoformat())
     older = price_change(price="189", occurred_at=(now - timedelta(seconds=5)).isoformat())
+    return newer, older
+
+
+async def test_older_message_is_not_sent_after_a_newer_one_whose_answer_was_lost(
+    harness: Harness,
+) -> None:
+    newer, older = newer_and_older()
     # The provider accepts the newer one but its answer is lost: it may have been delivered.
     harness.provider.set_rules([Rule(drop=True, times=1)])
     await harness.start(backoff_base_seconds=2)
@@ -231,9 +238,8 @@ async def test_older_message_is_not_sent_after_a_newer_one_whose_answer_was_lost
 async def test_older_message_is_not_sent_after_a_crashed_send_of_a_newer_one(
     harness: Harness,
 ) -> None:
-    now = datetime.now(UTC)
-    newer = price_change(price="190", occurred_at=now.isoformat())
-    older = price_change(price="189", occurred_at=(now - timedelta(seconds=5)).isoformat())
+    newer, older = newer_and_older()
+    now = datetime.fromisoformat(newer["occurred_at"])
     topic = "AAPL|email|premium"
     # A replica took the topic lease for the newer message and died mid-send.
     async with harness.engine.begin() as conn:
