@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -32,8 +30,15 @@ from sqlalchemy import Row, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from worker.delay import LEVELS
 from worker.demo_provider import DemoProvider, Rule
+from worker.fleet import (
+    ReplicaProcess,
+    delete_broker_objects,
+    migrate,
+    recreate_database,
+    start_replicas,
+    stop_replicas,
+)
 from worker.message import parse_message
 from worker.settings import ENV_PREFIX, ConfigError, load_settings
 from worker.topology import Names
@@ -127,78 +132,11 @@ def message(item: Sample) -> aio_pika.Message:
     )
 
 
-def worker_command(*args: str) -> list[str]:
-    """The ``worker`` console script of this interpreter's environment."""
-    script = Path(sys.executable).with_name("worker")
-    if script.exists():
-        return [str(script), *args]
-    code = f"import sys; from worker.cli import main; sys.exit(main({list(args)!r}))"
-    return [sys.executable, "-c", code]
-
-
-async def reset(admin_url: str, amqp_url: str) -> None:
-    """A fresh database, and no queue or exchange left from a previous run."""
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
-            await conn.execute(text(f'CREATE DATABASE "{DATABASE}"'))
-    finally:
-        await engine.dispose()
-    async with await aio_pika.connect(amqp_url) as connection:
-        channel = await connection.channel()
-        levels = [NAMES.delay_level(level) for level in range(LEVELS)]
-        for queue in (NAMES.queue, NAMES.ingress, *levels):
-            await channel.queue_delete(queue)
-        for exchange in (SOURCE_EXCHANGE, NAMES.retry, *levels):
-            await channel.exchange_delete(exchange)
-
-
-@dataclass
-class Replica:
-    number: int
-    process: asyncio.subprocess.Process
-    log_path: Path
-    log_file: IO[bytes]
-
-    @classmethod
-    async def start(cls, number: int, env: dict[str, str], log_dir: Path) -> Replica:
-        log_path = log_dir / f"replica-{number}.log"
-        log_file = log_path.open("wb")
-        process = await asyncio.create_subprocess_exec(
-            *worker_command("run"), env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
-        )
-        print(f"  replica {number}: pid {process.pid}, log {log_path}")
-        return cls(number, process, log_path, log_file)
-
-    def check_alive(self) -> None:
-        if self.process.returncode is not None:
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-            raise RuntimeError(f"replica {self.number} exited ({self.process.returncode}):\n{tail}")
-
-    def started(self) -> bool:
-        self.check_alive()
-        return any('"event": "started"' in line for line in self.log_path.open(errors="replace"))
-
-    async def stop(self) -> int | None:
-        """SIGTERM, then the exit status; None if it had to be killed."""
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout=40)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-            return None
-        finally:
-            self.log_file.close()
-
-
 @dataclass
 class Demo:
     engine: AsyncEngine
     provider: DemoProvider
-    replicas: list[Replica]
+    replicas: list[ReplicaProcess]
     samples: list[Sample]
 
     async def rows(self, sql: str, **params: Any) -> list[Row[Any]]:
@@ -300,15 +238,14 @@ async def run_demo(count: int, seconds: float) -> int:
     db_url = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{DATABASE}"))
     log_dir = Path(tempfile.mkdtemp(prefix="worker-demo-"))
     print(f"database {DATABASE}, queue {NAMES.queue}, exchange {SOURCE_EXCHANGE}, logs {log_dir}")
-    await reset(urlunsplit(urlsplit(db_url)._replace(path="/postgres")), settings.amqp_url)
+    await recreate_database(urlunsplit(urlsplit(db_url)._replace(path="/postgres")), DATABASE)
+    await delete_broker_objects(settings.amqp_url, NAMES, SOURCE_EXCHANGE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env |= {**WORKER_ENV, "WORKER_AMQP_URL": settings.amqp_url, "WORKER_DATABASE_URL": db_url}
-    with (log_dir / "migrate.log").open("wb") as log:
-        migrate = await asyncio.create_subprocess_exec(
-            *worker_command("migrate"), env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
-        )
-    if await migrate.wait() != 0:
-        print(f"demo failed: worker migrate failed, see {log_dir / 'migrate.log'}", file=sys.stderr)
+    try:
+        await migrate(env, log_dir / "migrate.log")
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     samples, main, late = build_batch(count)
     engine = create_async_engine(db_url, pool_size=2)
@@ -318,14 +255,7 @@ async def run_demo(count: int, seconds: float) -> int:
         publisher: asyncio.Task[None] | None = None
         try:
             print(f"migrated; provider on {provider.url}; starting {REPLICAS} replicas")
-            for number in range(1, REPLICAS + 1):
-                demo.replicas.append(await Replica.start(number, env, log_dir))
-            for _ in range(300):
-                if all(replica.started() for replica in demo.replicas):
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError(f"the replicas did not start in 30 s, see {log_dir}")
+            demo.replicas = await start_replicas(REPLICAS, env, log_dir, quiet=False)
             print(f"publishing {len(main) + len(late)} messages to {SOURCE_EXCHANGE}\n")
             publisher = asyncio.create_task(demo.publish(settings.amqp_url, main, late))
             finished = await demo.watch(publisher, seconds)
@@ -333,7 +263,7 @@ async def run_demo(count: int, seconds: float) -> int:
         finally:
             if publisher is not None:
                 publisher.cancel()
-            codes = [await replica.stop() for replica in demo.replicas]
+            codes = await stop_replicas(demo.replicas)
             await engine.dispose()
     print(f"replicas stopped, exit statuses {codes}")
     if not finished:
