@@ -7,6 +7,7 @@ import socket
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker.consumer import Replica
 from worker.demo_provider import Rule
@@ -14,10 +15,25 @@ from worker.demo_provider import Rule
 from .conftest import Harness, price_change
 
 
-def sample(metrics: str, name: str) -> float:
-    """The value of one sample in Prometheus text format; 0 when it was never set."""
-    lines = [line for line in metrics.splitlines() if line.startswith(name + " ")]
-    return float(lines[0].split()[-1]) if lines else 0.0
+class Scrape:
+    """One ``/metrics`` answer, parsed with prometheus-client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {family.name: family for family in text_string_to_metric_families(text)}
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sample ``name`` with exactly ``labels``; 0 when it was never set."""
+        for family in self.families.values():
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+
+async def scrape(http: aiohttp.ClientSession, base: str) -> Scrape:
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        return Scrape(await response.text())
 
 
 def free_port() -> int:
@@ -34,19 +50,22 @@ async def test_metrics_move_and_health_answers(harness: Harness) -> None:
     async with aiohttp.ClientSession() as http:
         assert (await http.get(f"{base}/healthz")).status == 200
         assert (await http.get(f"{base}/readyz")).status == 200
-        before = await (await http.get(f"{base}/metrics")).text()
+        before = await scrape(http, base)
 
         await harness.publish(price_change())
         await harness.publish(price_change(audience="lapsed"))
         await harness.wait_finished(2)
-        after = await (await http.get(f"{base}/metrics")).text()
+        after = await scrape(http, base)
 
-    sent = 'notifications_messages_total{outcome="sent"}'
-    rejected = 'notifications_dead_letters_total{reason="rejected"}'
-    assert sample(after, sent) == sample(before, sent) + 1
-    assert sample(after, rejected) == sample(before, rejected) + 1
-    assert 'notifications_delay_backend_info{backend="ttl"} 1.0' in after
-    assert "notifications_provider_request_seconds_count" in after
+    def moved(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    assert moved("notifications_messages_total", outcome="sent") == 1
+    assert moved("notifications_dead_letters_total", reason="rejected") == 1
+    assert after.value("notifications_delay_backend_info", backend="ttl") == 1
+    requests = "notifications_provider_request_seconds_count"
+    assert moved(requests, status_class="2xx") == 1
+    assert moved(requests, status_class="4xx") == 1
 
 
 @pytest.mark.parametrize(
