@@ -3,8 +3,10 @@
 It owns the fake provider's side of the contract: it accepts notifications once per idempotency
 key (409 with the first id afterwards), fails on demand through switchable `Rule`s (any status,
 `Retry-After`, accept-then-drop, a limited number of times, or with a seeded probability), and
-records every request in arrival order. Tests run it in-process (`DemoProvider`); the demo and
-docker compose run it standalone (`python -m worker.demo_provider`), driven by a control API.
+records every request in arrival order. Tests run it in-process (`DemoProvider`), where an
+`on_request` hook runs while each recorded request is still unanswered (the fault suite kills a
+worker mid-call with it); the demo and docker compose run it standalone
+(`python -m worker.demo_provider`), driven by a control API.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -98,6 +100,8 @@ class DemoProvider:
         port: int = 0,
     ) -> None:
         self.latency_ms = latency_ms
+        # awaited with each recorded request before its answer is written
+        self.on_request: Callable[[RequestRecord], Awaitable[None]] | None = None
         self._seed = seed
         self._random = random.Random(seed)
         self._host = host
@@ -233,6 +237,8 @@ class DemoProvider:
             key,
             "dropped" if drop else response.status,
         )
+        if self.on_request is not None:
+            await self.on_request(record)
         if self.latency_ms > 0:
             await asyncio.sleep(self.latency_ms / 1000)
         if drop and request.transport is not None:

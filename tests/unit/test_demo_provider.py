@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from worker.demo_provider import DemoProvider, Rule, main
+from worker.demo_provider import DemoProvider, RequestRecord, Rule, main
 
 
 @pytest.fixture
@@ -148,6 +149,24 @@ async def test_latency_delays_the_answer(
     started = time.monotonic()
     assert (await send(session, provider, "k1"))[0] == 200
     assert time.monotonic() - started >= 0.1
+
+
+async def test_on_request_runs_before_the_answer_is_written(
+    provider: DemoProvider, session: aiohttp.ClientSession
+) -> None:
+    seen: list[tuple[str, int, int]] = []
+
+    async def hook(record: RequestRecord) -> None:
+        # the decision is made and recorded, the client still waits for its answer
+        seen.append((record.key, record.status, len(provider.requests)))
+        await asyncio.sleep(0.1)
+
+    provider.on_request = hook
+    started = time.monotonic()
+    assert (await send(session, provider, "k1"))[0] == 200
+    assert time.monotonic() - started >= 0.1
+    assert (await send(session, provider, "k1"))[0] == 409
+    assert seen == [("k1", 200, 1), ("k1", 409, 2)]
 
 
 @pytest.mark.parametrize(
