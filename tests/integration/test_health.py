@@ -15,6 +15,13 @@ from worker.demo_provider import Rule
 from .conftest import Harness, price_change
 
 
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample, given as it is written (``name{label="value"}``), in Prometheus
+    text format; 0 when it was never set."""
+    lines = [line for line in metrics.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
 class Scrape:
     """One ``/metrics`` answer, parsed with prometheus-client's own parser."""
 
