@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,13 @@ def worker_command(*args: str) -> list[str]:
         return [str(script), *args]
     code = f"import sys; from worker.cli import main; sys.exit(main({list(args)!r}))"
     return [sys.executable, "-c", code]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a replica's /metrics."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def recreate_database(admin_url: str, name: str) -> None:
@@ -152,6 +160,12 @@ class ReplicaProcess:
             return None
         finally:
             self._close_log()
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Send ``signum`` now (SIGKILL or SIGSTOP from a callback that cannot wait)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signum)
 
     async def kill(self) -> None:
         """SIGKILL: no drain, no goodbye, as a crashed host or an OOM kill."""
