@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Computed,
     DateTime,
     Index,
     Integer,
@@ -22,10 +23,67 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
+
+# A dead letter's *failure group*: its last_error with what varies between occurrences of one
+# failure replaced by placeholders (URL paths, UUIDs, timestamps, e-mail and IP addresses, hex
+# keys, long ids, numbers; the status after "HTTP " stays), so that one provider bug hitting
+# 40,000 messages is one group, and "HTTP 500 …" and "HTTP 403: plan lapsed" are two.
+# Each rule is (pattern, replacement), applied in order to every match, in PostgreSQL (the
+# generated column below) and in Python (worker.admin.fingerprint), so the patterns keep to
+# what both regex engines read alike: explicit ASCII classes, no flags, no alternation whose
+# branches could both match at one place.
+_SPACE = " \\t\\r\\n\\f\\v"  # the whitespace both engines agree on
+_HEX = "[0-9a-fA-F]"
+_ALONE = "(?<![A-Za-z0-9])"
+FAILURE_GROUP_RULES: tuple[tuple[str, str], ...] = (
+    # a URL keeps its scheme and host
+    (f"([A-Za-z][A-Za-z0-9+.-]*://[^/?#\"'<>{_SPACE}]+)[/?#][^\"'<>{_SPACE}]*", "\\1/<path>"),
+    # then the shapes of ids, times and addresses
+    (f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}", "<uuid>"),
+    (
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+        "([Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?)?",
+        "<time>",
+    ),
+    (
+        "(Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{1,2} [A-Z][a-z]{2} [0-9]{4}"
+        " [0-9]{2}:[0-9]{2}:[0-9]{2}( GMT)?",
+        "<time>",
+    ),
+    ("[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+([.][A-Za-z0-9-]+)+", "<email>"),
+    ("[0-9]{1,3}([.][0-9]{1,3}){3}(:[0-9]+)?", "<ip>"),
+    (f"0[xX]{_HEX}+", "<hex>"),
+    # a hex key (a digit and a letter), then a long id of letters and digits, each a whole word
+    (f"{_ALONE}(?={_HEX}*[0-9])(?={_HEX}*[a-fA-F]){_HEX}{{8,}}(?![A-Za-z0-9])", "<hex>"),
+    (f"{_ALONE}(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{{16,}}", "<id>"),
+    # any other number, but not the status after "HTTP "
+    ("(?<![0-9])(?<!HTTP )[0-9]+([.][0-9]+)*", "<n>"),
+    # runs of whitespace
+    (f"[{_SPACE}]+", " "),
+)
+# The rules read at most this much of last_error; the group keeps at most FAILURE_GROUP_CHARS.
+FAILURE_GROUP_INPUT_CHARS = 500
+FAILURE_GROUP_CHARS = 200
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def failure_group_sql(column: str) -> str:
+    """The SQL expression of the failure group of ``column`` (never NULL: '' for no error)."""
+    expression = f"left(coalesce({column}, ''::text), {FAILURE_GROUP_INPUT_CHARS})"
+    for pattern, replacement in FAILURE_GROUP_RULES:
+        expression = (
+            f"regexp_replace({expression}, {_sql_string(pattern)}::text,"
+            f" {_sql_string(replacement)}::text, 'g'::text)"
+        )
+    return f"left(btrim({expression}, ' '::text), {FAILURE_GROUP_CHARS})"
+
 
 deliveries = Table(
     "deliveries",
@@ -80,6 +138,8 @@ dead_letters = Table(
     Column("dead_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("replayed_at", DateTime(timezone=True)),
     Column("replay_count", Integer, nullable=False, server_default=text("0")),
+    # computed once when the row is written; `worker-admin stats` groups by it
+    Column("failure_group", Text, Computed(failure_group_sql("last_error"), persisted=True)),
     CheckConstraint(f"reason IN {DEAD_LETTER_REASONS}", name="dead_letters_reason_check"),
     Index("dead_letters_dead_at_idx", "dead_at"),
     Index("dead_letters_reason_dead_at_idx", "reason", "dead_at"),

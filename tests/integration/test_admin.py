@@ -52,6 +52,11 @@ Admin = Callable[..., Coroutine[Any, Any, Result]]
 @pytest.fixture
 def admin(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Admin:
     """``await admin("list", "--json")``: worker-admin in-process on the harness's names."""
+    return admin_for(harness, monkeypatch)
+
+
+def admin_for(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Admin:
+    """The ``admin`` fixture's function, for the other admin test modules."""
     for name in list(os.environ):
         if name.upper().startswith("WORKER_"):
             monkeypatch.delenv(name)
@@ -175,6 +180,8 @@ async def test_list_filters_and_json(harness: Harness, admin: Admin) -> None:
         "content_type",
         "routing_key",
         "last_error",
+        "failure_group",
+        "fingerprint",
     ]
     assert {item["reason"] for item in json.loads(result.out)} == {
         "invalid",
@@ -469,46 +476,87 @@ async def test_unroutable_replay_fails_and_rolls_back(harness: Harness, admin: A
     assert (await harness.delivery(rows[0].idempotency_key)).status == "dead"
 
 
-async def test_interrupted_replay_keeps_each_row_replayed_or_not(
-    harness: Harness, admin: Admin, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bodies = [price_change(ticker=f"I{i}", audience="lapsed") for i in range(30)]
-    rows = await make_dead_letters(harness, list(bodies))
+INTERRUPTED = (
+    "worker-admin: interrupted: replayed {n}, every other row untouched;"
+    " run the same command again to replay the rest\n"
+)
+
+
+async def _interrupt_the_third_batch(
+    harness: Harness, admin: Admin, monkeypatch: pytest.MonkeyPatch, cancels: int, replayed: int
+) -> list[Row[Any]]:
+    """Replay 30 rows in batches of 5; cancel the command ``cancels`` times while its third
+    batch is published but not committed (where Ctrl-C is most likely to land); check that it
+    says it was interrupted and that exactly the first ``replayed`` rows are replayed."""
+    rows = await make_dead_letters(
+        harness, [price_change(ticker=f"I{i}", audience="lapsed") for i in range(30)]
+    )
     publish = replay_module._publish
-    third_batch_published = asyncio.Event()
+    published, release = asyncio.Event(), asyncio.Event()
     batches = 0
 
-    async def publish_then_hang_on_the_third(*args: Any, **kwargs: Any) -> None:
+    async def publish_then_wait_on_the_third(*args: Any, **kwargs: Any) -> None:
         nonlocal batches
         await publish(*args, **kwargs)
         batches += 1
         if batches == 3:
-            third_batch_published.set()
-            await asyncio.sleep(60)  # between publish and commit: Ctrl-C lands here
+            published.set()
+            await release.wait()
 
-    monkeypatch.setattr(replay_module, "_publish", publish_then_hang_on_the_third)
+    monkeypatch.setattr(replay_module, "_publish", publish_then_wait_on_the_third)
     task = asyncio.create_task(admin("replay", "--all", "--batch", "5"))
-    await asyncio.wait_for(third_batch_published.wait(), 10)
-    task.cancel()
+    await asyncio.wait_for(published.wait(), 10)
+    for _ in range(cancels):
+        task.cancel()
+        await asyncio.sleep(0.1)
+    release.set()
     result = await task
-
-    assert result.code == 1
-    assert result.err == (
-        "worker-admin: interrupted: replayed 10 before the interruption;"
-        " the batch in progress was rolled back\n"
-    )
-    replayed = await harness.rows("SELECT id FROM dead_letters WHERE replayed_at IS NOT NULL")
-    assert sorted(r.id for r in replayed) == [row.id for row in rows[:10]]
-    # The third batch was published but not committed: its rows are not replayed and free.
-    published = replayed_from(await drain_work_queue(harness))
-    assert published == Counter({row.id: 1 for row in rows[:15]})
-
     monkeypatch.setattr(replay_module, "_publish", publish)
+    assert (result.code, result.err) == (1, INTERRUPTED.format(n=replayed))
+    done = await harness.rows("SELECT id FROM dead_letters WHERE replayed_at IS NOT NULL")
+    assert sorted(r.id for r in done) == [row.id for row in rows[:replayed]]
+    return rows
+
+
+async def test_ctrl_c_finishes_the_batch_in_progress_and_the_rerun_the_rest(
+    harness: Harness, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = await _interrupt_the_third_batch(harness, admin, monkeypatch, cancels=1, replayed=15)
+    first = replayed_from(await drain_work_queue(harness))
+
+    rest = await admin("replay", "--all", "--batch", "5")
+    assert rest.out.strip() == "replayed 15, skipped 0"
+    second = replayed_from(await drain_work_queue(harness))
+    # Every row published exactly once over the two runs.
+    assert (first, second) == (
+        Counter({row.id: 1 for row in rows[:15]}),
+        Counter({row.id: 1 for row in rows[15:]}),
+    )
+
+
+async def test_a_second_ctrl_c_aborts_and_the_provider_still_gets_each_key_once(
+    harness: Harness, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = await _interrupt_the_third_batch(harness, admin, monkeypatch, cancels=2, replayed=10)
+    # The third batch was published but rolled back: its rows are free, and the rerun
+    # publishes them a second time (as after a kill between publish and commit).
     rest = await admin("replay", "--all", "--batch", "5")
     assert rest.out.strip() == "replayed 20, skipped 0"
-    assert replayed_from(await drain_work_queue(harness)) == Counter(
-        {row.id: 1 for row in rows[10:]}
-    )
+    assert await work_queue_depth(harness) == 35
+
+    before = len(harness.provider.requests)
+    await harness.start(**WORKER)
+    keys = [row.idempotency_key for row in rows]
+    await wait_sent(harness, keys)
+    await harness.wait_for(lambda: _work_queue_empty(harness), what="the work queue drained")
+    await harness.stop()  # every message taken has finished
+    sent = harness.provider.requests[before:]
+    assert Counter(r.key for r in sent) == Counter(keys)  # one request per key, no 409 either
+    assert {r.status for r in sent} == {200}
+
+
+async def _work_queue_empty(harness: Harness) -> bool:
+    return await work_queue_depth(harness) == 0
 
 
 async def test_purge(harness: Harness, admin: Admin) -> None:

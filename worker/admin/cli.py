@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -23,9 +24,11 @@ from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tqdm import tqdm
 
 from worker.admin import queries, render
 from worker.admin.errors import AdminError, Failure, UsageError, describe, scrub
+from worker.admin.fingerprint import FINGERPRINT_LENGTH, FINGERPRINT_PATTERN
 from worker.admin.queries import Filters
 from worker.admin.replay import ReplayRequest, plan, prepare, replay
 from worker.persistence import create_engine
@@ -47,7 +50,11 @@ batch one transaction with its publisher-confirmed publish. Choose exactly one s
 rows never replayed (so replaying twice publishes nothing twice), unless --replayed asks for
 the rows replayed before. Rows of reason expired or invalid are skipped unless --force; an
 expired row replayed with --force is sent despite WORKER_MAX_AGE_SECONDS. Concurrent replays
-never publish a row twice (FOR UPDATE SKIP LOCKED). Ctrl-C rolls back the batch in progress.
+never publish a row twice (FOR UPDATE SKIP LOCKED). Replays go at --priority, by default
+WORKER_MAX_PRIORITY - 1, below the top priority that admission gives every fresh message, so
+live alerts overtake a replay waiting in the queue. --rate N paces the replay to N messages a
+second (batches of at most N). Ctrl-C finishes the batch in progress and stops: each row is
+either replayed or untouched; run the same command again for the rest.
 """
 
 
@@ -106,6 +113,27 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
+def _fingerprints(text: str) -> list[str]:
+    words = [word.lower() for word in _words(text)]
+    for word in words:
+        if not FINGERPRINT_PATTERN.fullmatch(word):
+            raise argparse.ArgumentTypeError(
+                f"{word!r} is not a failure group: {FINGERPRINT_LENGTH} hex digits,"
+                " the GROUP column of `worker-admin stats`"
+            )
+    return words
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text}: messages per second, more than 0")
+    return value
+
+
 def _bounded(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -145,6 +173,9 @@ def _add_filters(parser: argparse.ArgumentParser, replay: bool = False) -> None:
         group, "--channel", "channels", _choices("channel", CHANNELS), "CH", "email or sms"
     )
     _add_list_option(group, "--audience", "audiences", _words, "AUD", "the recipient group")
+    _add_list_option(
+        group, "--group", "groups", _fingerprints, "GROUP", "failure group, from `stats`"
+    )
     replayed = group.add_mutually_exclusive_group()
     replayed.add_argument(
         "--replayed",
@@ -208,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=_bounded(1, MAX_BATCH),
         default=DEFAULT_BATCH,
-        help=f"rows per transaction ({DEFAULT_BATCH})",
+        help=f"rows per transaction ({DEFAULT_BATCH}; at most --rate)",
+    )
+    replaying.add_argument(
+        "--rate", type=_rate, metavar="N", help="at most N messages per second (default: no limit)"
     )
 
     purge = commands.add_parser("purge", help="delete dead letters that died before T")
@@ -220,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     purge.add_argument("--yes", action="store_true", help="do not ask (required without a TTY)")
 
-    stats = commands.add_parser("stats", help="counts by reason, channel and audience")
+    stats = commands.add_parser(
+        "stats", help="counts by reason, failure group, channel and audience"
+    )
     _add_filters(stats)
     stats.add_argument("--json", action="store_true")
     return parser
@@ -236,6 +272,7 @@ def filters_of(args: argparse.Namespace) -> Filters:
         tickers=tuple(dict.fromkeys(t.upper() for t in args.tickers)),
         channels=tuple(dict.fromkeys(args.channels)),
         audiences=tuple(dict.fromkeys(args.audiences)),
+        groups=tuple(dict.fromkeys(args.groups)),
         replayed=args.replayed,
     )
 
@@ -262,7 +299,10 @@ def replay_request(args: argparse.Namespace, max_priority: int) -> ReplayRequest
         raise UsageError(
             f"--priority {priority} is outside 0..{max_priority} (WORKER_MAX_PRIORITY)"
         )
-    return ReplayRequest(filters=filters, force=args.force, priority=priority, batch=args.batch)
+    batch = args.batch if args.rate is None else max(1, min(args.batch, int(args.rate)))
+    return ReplayRequest(
+        filters=filters, force=args.force, priority=priority, batch=batch, rate=args.rate
+    )
 
 
 async def _list(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> None:
@@ -332,7 +372,7 @@ def _ask(prompt: str) -> str:
 
 
 async def _replay(
-    engine: AsyncEngine, settings: Settings, args: argparse.Namespace, out: TextIO
+    engine: AsyncEngine, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO
 ) -> None:
     request = replay_request(args, settings.max_priority)
     if args.dry_run:
@@ -345,13 +385,23 @@ async def _replay(
         return
     report = await prepare(engine, request)
     connection = await _connect_broker(settings.amqp_url)
+    # on a terminal only, and only once a replay has run for a second
+    bar = tqdm(
+        total=report.selected,
+        unit="msg",
+        desc="replay",
+        file=err,
+        delay=1.0,
+        leave=False,
+        disable=not err.isatty(),
+    )
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await replay(engine, channel, settings.queue, request, report)
+        await replay(engine, channel, settings.queue, request, report, bar.update)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise Failure(
-            f"interrupted: replayed {report.replayed} before the interruption;"
-            " the batch in progress was rolled back"
+            f"interrupted: replayed {report.replayed}, every other row untouched;"
+            " run the same command again to replay the rest"
         ) from None
     except Failure as exc:
         raise Failure(f"{exc}; batch rolled back, {report.replayed} replayed before it") from None
@@ -361,6 +411,7 @@ async def _replay(
             f" batch rolled back, {report.replayed} replayed before it"
         ) from None
     finally:
+        bar.close()
         await connection.close()
     print(report.summary(), file=out)
 
@@ -391,7 +442,7 @@ async def run_admin(
         engine = create_engine(settings.database_url, pool_size=2)
         try:
             if args.command == "replay":
-                await _replay(engine, settings, args, out)
+                await _replay(engine, settings, args, out, err)
             else:
                 command = {"list": _list, "show": _show, "stats": _stats, "purge": _purge}
                 await command[args.command](engine, args, out)

@@ -14,8 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, delete, false, func, select, true
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from worker.admin.fingerprint import FINGERPRINT
 from worker.schema import dead_letters, deliveries
 
 # Reasons a replay leaves alone unless --force: an expired message is to be sent although it is
@@ -34,6 +36,7 @@ class Filters:
     tickers: tuple[str, ...] = ()
     channels: tuple[str, ...] = ()
     audiences: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()  # failure-group fingerprints
     replayed: bool | None = None
 
     def clauses(self) -> list[ColumnElement[bool]]:
@@ -53,6 +56,8 @@ class Filters:
             where.append(c.channel.in_(self.channels))
         if self.audiences:
             where.append(c.audience.in_(self.audiences))
+        if self.groups:
+            where.append(FINGERPRINT.in_(self.groups))
         if self.replayed is True:
             where.append(c.replayed_at.is_not(None))
         elif self.replayed is False:
@@ -86,6 +91,8 @@ SUMMARY_COLUMNS = (
     dead_letters.c.content_type,
     dead_letters.c.routing_key,
     dead_letters.c.last_error,
+    dead_letters.c.failure_group,
+    FINGERPRINT.label("fingerprint"),
 )
 
 
@@ -126,7 +133,9 @@ async def existing_ids(conn: AsyncConnection, ids: Sequence[int]) -> set[int]:
 
 
 async def get_row(conn: AsyncConnection, dead_letter_id: int) -> Any | None:
-    statement = select(dead_letters).where(dead_letters.c.id == dead_letter_id)
+    statement = select(dead_letters, FINGERPRINT.label("fingerprint")).where(
+        dead_letters.c.id == dead_letter_id
+    )
     return (await conn.execute(statement)).first()
 
 
@@ -147,32 +156,45 @@ async def get_delivery(conn: AsyncConnection, key: str) -> Any | None:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """Each list holds rows with ``total``, ``replayed``, ``oldest`` and ``newest`` (dead_at)."""
+
     total: int
     replayed: int
-    by_reason: list[Any]  # reason, total, replayed, oldest, newest
-    by_channel_audience: list[Any]  # channel, audience, total
+    by_reason: list[Any]  # + reason
+    by_group: list[Any]  # + failure_group, fingerprint, reasons (sorted)
+    by_channel_audience: list[Any]  # + channel, audience
+
+
+def _counted(*keys: ColumnElement[Any]) -> Select[Any]:
+    """``keys`` with the count, the replayed count, the oldest and the newest of each."""
+    c = dead_letters.c
+    return select(
+        *keys,
+        func.count().label("total"),
+        func.count(c.replayed_at).label("replayed"),
+        func.min(c.dead_at).label("oldest"),
+        func.max(c.dead_at).label("newest"),
+    )
 
 
 async def stats(conn: AsyncConnection, filters: Filters) -> Stats:
     c = dead_letters.c
     where = filters.clauses()
     by_reason = (
+        await conn.execute(_counted(c.reason).where(*where).group_by(c.reason).order_by(c.reason))
+    ).fetchall()
+    reasons = func.array_agg(aggregate_order_by(c.reason.distinct(), c.reason))
+    by_group = (
         await conn.execute(
-            select(
-                c.reason,
-                func.count().label("total"),
-                func.count(c.replayed_at).label("replayed"),
-                func.min(c.dead_at).label("oldest"),
-                func.max(c.dead_at).label("newest"),
-            )
+            _counted(c.failure_group, FINGERPRINT.label("fingerprint"), reasons.label("reasons"))
             .where(*where)
-            .group_by(c.reason)
-            .order_by(c.reason)
+            .group_by(c.failure_group)
+            .order_by(func.count().desc(), c.failure_group)
         )
     ).fetchall()
     by_channel_audience = (
         await conn.execute(
-            select(c.channel, c.audience, func.count().label("total"))
+            _counted(c.channel, c.audience)
             .where(*where)
             .group_by(c.channel, c.audience)
             .order_by(func.count().desc(), c.channel, c.audience)
@@ -182,6 +204,7 @@ async def stats(conn: AsyncConnection, filters: Filters) -> Stats:
         total=sum(int(r.total) for r in by_reason),
         replayed=sum(int(r.replayed) for r in by_reason),
         by_reason=list(by_reason),
+        by_group=list(by_group),
         by_channel_audience=list(by_channel_audience),
     )
 

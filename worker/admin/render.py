@@ -27,6 +27,8 @@ LIST_KEYS = (
     "content_type",
     "routing_key",
     "last_error",
+    "failure_group",
+    "fingerprint",
 )
 DELIVERY_KEYS = (
     "status",
@@ -143,6 +145,7 @@ def show_text(row: Any, delivery: Any | None) -> str:
         ("ticker/channel/audience", subject(row)),
         ("attempts", row.attempts),
         ("last_error", row.last_error or "-"),
+        ("failure_group", f"{row.fingerprint}  {row.failure_group or '-'}"),
         ("first_seen_at", timestamp(row.first_seen_at)),
         ("dead_at", timestamp(row.dead_at)),
         ("replayed_at", timestamp(row.replayed_at) or "never"),
@@ -172,46 +175,78 @@ def _indent(text: str) -> str:
     return "\n".join(f"  {line}" for line in text.splitlines())
 
 
+def _counts(row: Any) -> dict[str, object]:
+    return {
+        "count": int(row.total),
+        "replayed": int(row.replayed),
+        "oldest_dead_at": timestamp(row.oldest),
+        "newest_dead_at": timestamp(row.newest),
+    }
+
+
 def stats_json(stats: Stats) -> dict[str, object]:
     return {
         "total": stats.total,
         "replayed": stats.replayed,
         "not_replayed": stats.total - stats.replayed,
-        "by_reason": [
+        "by_reason": [{"reason": r.reason, **_counts(r)} for r in stats.by_reason],
+        "by_failure_group": [
             {
-                "reason": r.reason,
-                "count": int(r.total),
-                "replayed": int(r.replayed),
-                "oldest_dead_at": timestamp(r.oldest),
-                "newest_dead_at": timestamp(r.newest),
+                "fingerprint": r.fingerprint,
+                "failure_group": r.failure_group,
+                "reasons": list(r.reasons),
+                **_counts(r),
             }
-            for r in stats.by_reason
+            for r in stats.by_group
         ],
         "by_channel_audience": [
-            {"channel": r.channel, "audience": r.audience, "count": int(r.total)}
+            {"channel": r.channel, "audience": r.audience, **_counts(r)}
             for r in stats.by_channel_audience
         ],
     }
 
 
+_COUNT_HEADERS = ("COUNT", "REPLAYED", "OLDEST_DEAD_AT", "NEWEST_DEAD_AT")
+
+
+def _count_cells(row: Any) -> tuple[object, ...]:
+    return (row.total, row.replayed, short_time(row.oldest), short_time(row.newest))
+
+
 def stats_text(stats: Stats) -> str:
+    """Three tables: by reason, by failure group (fingerprint first, for ``--group``), and by
+    channel and audience; each with counts and the oldest and newest dead_at."""
     if stats.total == 0:
         return "0 dead letters"
     by_reason = table(
-        ("REASON", "COUNT", "REPLAYED", "OLDEST_DEAD_AT", "NEWEST_DEAD_AT"),
+        ("REASON", *_COUNT_HEADERS),
+        [(r.reason, *_count_cells(r)) for r in stats.by_reason],
+        right={1, 2},
+    )
+    by_group = table(
+        ("GROUP", *_COUNT_HEADERS, "REASONS", "FAILURE"),
         [
-            (r.reason, r.total, r.replayed, short_time(r.oldest), short_time(r.newest))
-            for r in stats.by_reason
+            (
+                r.fingerprint,
+                *_count_cells(r),
+                ",".join(r.reasons),
+                truncate(r.failure_group, ERROR_WIDTH),
+            )
+            for r in stats.by_group
         ],
         right={1, 2},
     )
     by_target = table(
-        ("CHANNEL", "AUDIENCE", "COUNT"),
-        [(r.channel or "-", r.audience or "-", r.total) for r in stats.by_channel_audience],
-        right={2},
+        ("CHANNEL", "AUDIENCE", *_COUNT_HEADERS),
+        [
+            (r.channel or "-", r.audience or "-", *_count_cells(r))
+            for r in stats.by_channel_audience
+        ],
+        right={2, 3},
     )
     replayed = stats.replayed
     return (
         f"{stats.total} dead letters: {replayed} replayed, {stats.total - replayed} not\n\n"
-        f"{by_reason}\n\n{by_target}"
+        f"{by_reason}\n\n{by_group}\n\n{by_target}\n\n"
+        "replay one failure group: worker-admin replay --group GROUP --dry-run"
     )

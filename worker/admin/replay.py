@@ -17,20 +17,24 @@ In batches, each batch one PostgreSQL transaction (READ COMMITTED):
 4. ``UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1`` and commit.
 
 A failed publish raises and the batch's transaction rolls back: its rows stay unreplayed (keys
-of messages the broker returned or refused go back to ``dead``). A crash or Ctrl-C between
-publish and commit can leave a message published for a row still unreplayed; replaying it again
-is harmless, because the worker never sends an idempotency key twice. A commit already sent
-when Ctrl-C arrives is waited for, so the count reported is exact.
+of messages the broker returned or refused go back to ``dead``).
+
+Ctrl-C (the task cancelled) lets the batch in progress finish, publishes confirmed and rows
+committed, and then stops: every row is replayed, published once, or untouched. A second Ctrl-C,
+a kill or a crash between a batch's publish and its commit leaves that batch's rows unreplayed
+although their messages are on the queue; the next replay publishes them again, which is
+harmless: the worker never sends an idempotency key twice. Batches are paced by ``--rate``
+(:mod:`worker.admin.pacing`) between transactions, never within one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
@@ -41,8 +45,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
 from worker.admin.errors import Failure, describe
+from worker.admin.pacing import Pacer
 from worker.admin.queries import (
     Filters,
+    count_rows,
     counts_by_reason,
     existing_ids,
     held_back,
@@ -61,6 +67,7 @@ from worker.schema import dead_letters, deliveries
 
 # How long the broker may take to confirm one batch before the replay gives up on it.
 CONFIRM_TIMEOUT_SECONDS = 60.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class ReplayRequest:
     force: bool = False
     priority: int = 9
     batch: int = 500
+    rate: float | None = None  # messages per second; None: as fast as the broker confirms
 
     @property
     def by_id(self) -> bool:
@@ -80,6 +88,7 @@ class ReplayRequest:
 @dataclass(slots=True)
 class ReplayReport:
     replayed: int = 0
+    selected: int = 0  # rows the selection held when the replay began
     skipped: dict[str, int] = field(default_factory=dict)  # reason → rows held back
     busy: int = 0  # --id rows another replay held locked
     planned: list[Any] = field(default_factory=list)  # --dry-run: the rows it would replay
@@ -149,11 +158,12 @@ async def _check_ids(conn: AsyncConnection, filters: Filters) -> None:
 
 
 async def prepare(engine: AsyncEngine, request: ReplayRequest) -> ReplayReport:
-    """Before a replay: unknown ids fail it, and the rows held back are counted."""
+    """Before a replay: unknown ids fail it; the rows selected and held back are counted."""
     async with engine.connect() as conn:
         await _check_ids(conn, request.filters)
         return ReplayReport(
-            skipped=await counts_by_reason(conn, request.filters, held_back(request.force))
+            selected=await count_rows(conn, request.filters, replayable(request.force)),
+            skipped=await counts_by_reason(conn, request.filters, held_back(request.force)),
         )
 
 
@@ -163,23 +173,43 @@ async def replay(
     queue: str,
     request: ReplayRequest,
     report: ReplayReport,
+    progress: Callable[[int], object] | None = None,
 ) -> None:
-    """Replay batch after batch until no selected row is left; counts into ``report``.
+    """Replay batch after batch until no selected row is left; counts into ``report`` and
+    calls ``progress`` with each batch's count.
 
     ``engine`` is the autocommit engine; batches run on a READ COMMITTED view of it.
     """
     transactional = engine.execution_options(isolation_level="READ COMMITTED")
+    pacer = Pacer(request.rate)
     cursor = 0
     while True:
+        await pacer.wait()
         async with transactional.connect() as conn:
-            last = await _batch(engine, conn, channel, queue, request, report, cursor)
-        if last is None:
+            taken = await _uninterrupted(
+                _batch(engine, conn, channel, queue, request, report, cursor)
+            )
+        if taken is None:
             break
-        cursor = last
+        cursor, count = taken
+        pacer.spent(count)
+        if progress is not None:
+            progress(count)
     if request.by_id:
         report.busy = max(
             len(request.filters.ids) - report.replayed - sum(report.skipped.values()), 0
         )
+
+
+async def _uninterrupted(work: Awaitable[T]) -> T:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile, then pass the
+    cancellation on; a second cancellation cancels ``work`` too."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 async def _batch(
@@ -190,8 +220,8 @@ async def _batch(
     request: ReplayRequest,
     report: ReplayReport,
     cursor: int,
-) -> int | None:
-    """One transaction; returns the last id taken, or None when nothing was left."""
+) -> tuple[int, int] | None:
+    """One transaction; returns the last id taken and the count, or None when none was left."""
     tx = await conn.begin()
     try:
         c = dead_letters.c
@@ -220,7 +250,7 @@ async def _batch(
             await _rollback_quietly(tx)
         raise
     await _commit(tx, report, len(rows))
-    return ids[-1]
+    return ids[-1], len(rows)
 
 
 async def _rollback_quietly(tx: AsyncTransaction) -> None:
@@ -231,15 +261,13 @@ async def _rollback_quietly(tx: AsyncTransaction) -> None:
 
 
 async def _commit(tx: AsyncTransaction, report: ReplayReport, count: int) -> None:
-    """Commit; Ctrl-C during the commit waits for its answer, so the count stays exact."""
+    """Commit; a cancellation meanwhile waits for the answer, so the count stays exact."""
     commit = asyncio.ensure_future(tx.commit())
     try:
-        await asyncio.shield(commit)
-    except asyncio.CancelledError:
-        await commit
-        report.replayed += count
-        raise
-    report.replayed += count
+        await _uninterrupted(commit)
+    finally:
+        if commit.done() and not commit.cancelled() and commit.exception() is None:
+            report.replayed += count
 
 
 def _keys(rows: Sequence[Any]) -> list[str]:
