@@ -101,17 +101,11 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 async def admin(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
     """``worker-admin`` as its own process: exit status, stdout, stderr."""
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("worker-admin")),
-        *argv,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    script = Path(sys.executable).with_name("worker-admin")
+    pipe = asyncio.subprocess.PIPE
+    process = await asyncio.create_subprocess_exec(script, *argv, env=env, stdout=pipe, stderr=pipe)
     out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await process.wait(), out.decode(), err.decode()
 
 
 async def bench(count: int, replicas: int) -> int:
