@@ -119,6 +119,12 @@ async def test_sigint_finishes_the_batch_and_a_rerun_replays_the_rest_once(
     await harness.start()  # declares the work queue
     await harness.stop()
     rows = await harness.rows("SELECT id FROM dead_letters ORDER BY id")
+    dry = (await admin("replay", "--all", "--dry-run")).out.splitlines()
+    assert len(dry) == 1 + 50 + 2  # the header, the first 50 rows, the count and the summary
+    assert dry[-2:] == [
+        "(the first 50 of 3000, oldest first)",
+        "would replay 3000, would skip 0; dry run: nothing published, nothing changed",
+    ]
     process = await start_admin(harness, "replay", "--all", "--rate", "1000")  # 3 s, 100 a batch
 
     code, err = await signal_once_replaying(harness, process, signal.SIGINT, after=300)

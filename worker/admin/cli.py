@@ -376,9 +376,11 @@ async def _replay(
 ) -> None:
     request = replay_request(args, settings.max_priority)
     if args.dry_run:
-        report = await plan(engine, request)
+        report = await plan(engine, request, DEFAULT_LIMIT)
         if report.planned:
             print(render.dead_letter_table(report.planned), file=out)
+        if report.selected > len(report.planned):
+            print(f"(the first {len(report.planned)} of {report.selected}, oldest first)", file=out)
         print(
             f"{report.summary(dry_run=True)}; dry run: nothing published, nothing changed", file=out
         )

@@ -91,12 +91,12 @@ class ReplayReport:
     selected: int = 0  # rows the selection held when the replay began
     skipped: dict[str, int] = field(default_factory=dict)  # reason → rows held back
     busy: int = 0  # --id rows another replay held locked
-    planned: list[Any] = field(default_factory=list)  # --dry-run: the rows it would replay
+    planned: list[Any] = field(default_factory=list)  # --dry-run: the first rows it would take
 
     def summary(self, dry_run: bool = False) -> str:
         """``replayed 120, skipped 3 (expired: use --force)``."""
         verb = "would replay" if dry_run else "replayed"
-        count = len(self.planned) if dry_run else self.replayed
+        count = self.selected if dry_run else self.replayed
         skipped = sum(self.skipped.values())
         line = f"{verb} {count}, {'would skip' if dry_run else 'skipped'} {skipped + self.busy}"
         reasons: list[str] = []
@@ -137,13 +137,14 @@ def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-async def plan(engine: AsyncEngine, request: ReplayRequest) -> ReplayReport:
-    """What a replay would do (--dry-run): reads only, locks nothing, publishes nothing."""
+async def plan(engine: AsyncEngine, request: ReplayRequest, shown: int) -> ReplayReport:
+    """What a replay would do (--dry-run), with its first ``shown`` rows: reads only, locks
+    nothing, publishes nothing."""
     report = await prepare(engine, request)
     async with engine.connect() as conn:
         statement = summary_select(request.filters, replayable(request.force))
         report.planned = list(
-            (await conn.execute(statement.order_by(dead_letters.c.id))).fetchall()
+            (await conn.execute(statement.order_by(dead_letters.c.id).limit(shown))).fetchall()
         )
     return report
 
