@@ -46,6 +46,16 @@ _CONNECTION_LOST = (ChannelInvalidStateError, AMQPConnectionError)
 # Everything else from the database (or its socket) is taken as the database being away.
 _DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
+# The hot path's statements are batched (one connection per batcher); the others (failures,
+# dead letters, supersessions) take one connection each, and beyond this many wait their turn.
+_POOL_CAP = 10
+
+
+def pool_size(concurrency: int) -> int:
+    """Database connections per replica: no more than its statements can use at once."""
+    return min(concurrency, _POOL_CAP) + DeliveryStore.BATCHERS
+
+
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
 
 
@@ -100,7 +110,9 @@ class Replica:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._consuming = False
         self._stopping = False
-        self._engine = create_engine(settings.database_url, pool_size=settings.concurrency + 2)
+        self._engine = create_engine(
+            settings.database_url, pool_size=pool_size(settings.concurrency)
+        )
         self._store = DeliveryStore(self._engine)
         self._gate = DatabaseGate(self._store.ping)
         self._connection: AbstractRobustConnection | None = None

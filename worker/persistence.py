@@ -12,17 +12,25 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import Boolean, DateTime, Integer, LargeBinary
 
+from worker.batching import Batcher
 from worker.decisions import ClaimState
 from worker.message import PriceChange
 from worker.schema import SCHEMA_REVISION
@@ -54,7 +62,7 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         # No pre-ping: it would cost a round trip per checkout, i.e. per statement. A dead
         # connection (database restarted) fails its statement, SQLAlchemy invalidates the
         # pool, and the replica's database gate holds messages until a fresh one answers.
@@ -65,67 +73,102 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
     )
 
 
-_READ_STATE = text(
+# The hot path's three statements take a batch of rows each (worker.batching): arrays bound
+# once, unnest()ed, and every output row numbered by its input position. Input rows are sorted
+# by topic, then key, so that concurrent batches lock rows in one order.
+
+_READ_STATES = text(
     """
-    WITH new_delivery AS (
+    WITH input AS (
+        SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:topics AS text[]),
+                             CAST(:attempts AS int[]), CAST(:first_seen_at AS timestamptz[]),
+                             CAST(:occurred_at AS timestamptz[]), CAST(:payloads AS jsonb[]))
+            WITH ORDINALITY AS i (key, topic, attempts, first_seen_at, occurred_at, payload, n)
+    ), new_delivery AS (
         INSERT INTO deliveries (idempotency_key, topic_key, status, attempts,
                                 first_seen_at, occurred_at, payload)
-        VALUES (:key, :topic, 'pending', :attempts, :first_seen_at, :occurred_at, :payload)
+        SELECT key, topic, 'pending', attempts, first_seen_at, occurred_at, payload
+        FROM input ORDER BY n
         ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING status
+        RETURNING idempotency_key, status
     ), new_topic AS (
-        INSERT INTO topic_watermarks (topic_key) VALUES (:topic)
+        INSERT INTO topic_watermarks (topic_key)
+        SELECT DISTINCT topic FROM input ORDER BY topic
         ON CONFLICT (topic_key) DO NOTHING
-        RETURNING version
     )
-    SELECT COALESCE((SELECT status FROM new_delivery),
-                    (SELECT status FROM deliveries WHERE idempotency_key = :key),
-                    'pending') AS status,
+    -- rows inserted by this statement are not visible to its own reads: hence the COALESCEs
+    SELECT i.n, COALESCE(nd.status, d.status, 'pending') AS status,
            t.occurred_at AS watermark, t.lease_until, t.lease_occurred_at,
            COALESCE(t.version, 0) AS version, now() AS now
-    FROM (VALUES (1)) AS one (x)
-    LEFT JOIN topic_watermarks AS t ON t.topic_key = :topic
+    FROM input AS i
+    LEFT JOIN new_delivery AS nd ON nd.idempotency_key = i.key
+    LEFT JOIN deliveries AS d ON d.idempotency_key = i.key
+    LEFT JOIN topic_watermarks AS t ON t.topic_key = i.topic
+    ORDER BY i.n
     """
-).bindparams(
-    bindparam("payload", type_=JSONB),
-    bindparam("first_seen_at", type_=DateTime(timezone=True)),
-    bindparam("occurred_at", type_=DateTime(timezone=True)),
 )
 
-_TAKE_LEASE = text(
+# Compare-and-set on each topic's version. Two rows of one topic at one version: one wins,
+# and RETURNING names it by its token.
+_TAKE_LEASES = text(
     """
-    UPDATE topic_watermarks
-    SET lease_token = :token, lease_until = now() + make_interval(secs => :lease_seconds),
-        lease_occurred_at = :occurred_at,
+    WITH input AS (
+        SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:versions AS bigint[]),
+                             CAST(:tokens AS uuid[]), CAST(:occurred_at AS timestamptz[]),
+                             CAST(:lease_seconds AS float8[]))
+            WITH ORDINALITY AS i (topic, version, token, occurred_at, lease_seconds, n)
+    )
+    UPDATE topic_watermarks AS t
+    SET lease_token = i.token,
+        lease_until = now() + make_interval(secs => i.lease_seconds),
+        lease_occurred_at = i.occurred_at,
         -- taking over an expired lease: its holder may have delivered before it died
-        occurred_at = CASE WHEN lease_until IS NULL THEN occurred_at
-                           ELSE GREATEST(occurred_at, lease_occurred_at) END,
-        version = version + 1
-    WHERE topic_key = :topic AND version = :version
-    RETURNING version
+        occurred_at = CASE WHEN t.lease_until IS NULL THEN t.occurred_at
+                           ELSE GREATEST(t.occurred_at, t.lease_occurred_at) END,
+        version = t.version + 1
+    FROM input AS i
+    WHERE t.topic_key = i.topic AND t.version = i.version
+    RETURNING t.lease_token
     """
-).bindparams(bindparam("occurred_at", type_=DateTime(timezone=True)))
+)
 
+# Record the sends, raise each topic's watermark to its newest sent message and release the
+# leases these sends held, atomically.
 _MARK_SENT = text(
     """
-    WITH delivery AS (
-        UPDATE deliveries
-        SET status = 'sent', attempts = :attempts, sent_at = now(), updated_at = now(),
-            provider_message_id = :provider_message_id, provider_status = :provider_status,
+    WITH input AS (
+        SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:topics AS text[]),
+                             CAST(:occurred_at AS timestamptz[]), CAST(:tokens AS uuid[]),
+                             CAST(:attempts AS int[]), CAST(:provider_statuses AS int[]),
+                             CAST(:provider_message_ids AS text[]))
+            AS i (key, topic, occurred_at, token, attempts, provider_status,
+                  provider_message_id)
+    ), delivery AS (
+        UPDATE deliveries AS d
+        SET status = 'sent', attempts = i.attempts, sent_at = now(), updated_at = now(),
+            provider_message_id = i.provider_message_id, provider_status = i.provider_status,
             last_error = NULL
-        WHERE idempotency_key = :key
+        FROM input AS i
+        WHERE d.idempotency_key = i.key
+    ), per_topic AS (
+        SELECT topic, max(occurred_at) AS occurred_at,
+               (array_agg(key ORDER BY occurred_at DESC))[1] AS key,
+               array_agg(token) AS tokens
+        FROM input GROUP BY topic
     )
-    UPDATE topic_watermarks
-    SET idempotency_key = CASE WHEN occurred_at IS NULL OR occurred_at < :occurred_at
-                               THEN :key ELSE idempotency_key END,
-        occurred_at = GREATEST(occurred_at, :occurred_at),
-        lease_token = CASE WHEN lease_token = :token THEN NULL ELSE lease_token END,
-        lease_until = CASE WHEN lease_token = :token THEN NULL ELSE lease_until END,
-        lease_occurred_at = CASE WHEN lease_token = :token THEN NULL ELSE lease_occurred_at END,
-        version = version + 1
-    WHERE topic_key = :topic
+    UPDATE topic_watermarks AS t
+    SET idempotency_key = CASE WHEN t.occurred_at IS NULL OR t.occurred_at < p.occurred_at
+                               THEN p.key ELSE t.idempotency_key END,
+        occurred_at = GREATEST(t.occurred_at, p.occurred_at),
+        lease_token = CASE WHEN t.lease_token = ANY(p.tokens) THEN NULL ELSE t.lease_token END,
+        lease_until = CASE WHEN t.lease_token = ANY(p.tokens) THEN NULL ELSE t.lease_until END,
+        lease_occurred_at = CASE WHEN t.lease_token = ANY(p.tokens) THEN NULL
+                                 ELSE t.lease_occurred_at END,
+        version = t.version + 1
+    FROM per_topic AS p
+    WHERE t.topic_key = p.topic
     """
-).bindparams(bindparam("occurred_at", type_=DateTime(timezone=True)))
+)
 
 # Releasing the lease after a failed send. An attempt that got no answer (timeout, cut
 # connection) may have reached the provider: for ordering it counts as sent, so the watermark
@@ -226,11 +269,67 @@ class RawMessage:
     first_seen_at: datetime
 
 
-class DeliveryStore:
-    """The statements the pipeline needs, each one round trip."""
+_DEADLOCK = "40P01"
+_DEADLOCK_ATTEMPTS = 3
+# a placeholder in a results list about to be filled
+_NO_STATE = ClaimState(
+    delivery_status="pending",
+    watermark=None,
+    lease_until=None,
+    lease_occurred_at=None,
+    now=datetime.min,
+)
 
-    def __init__(self, engine: AsyncEngine) -> None:
+
+@dataclass(frozen=True, slots=True)
+class _ClaimRead:
+    message: PriceChange
+    attempts: int
+    first_seen_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _LeaseTake:
+    message: PriceChange
+    version: int
+    token: uuid.UUID
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    message: PriceChange
+    token: uuid.UUID
+    attempts: int
+    provider_status: int
+    provider_message_id: str | None
+
+
+class _Keyed(Protocol):
+    @property
+    def message(self) -> PriceChange: ...
+
+
+def _by_topic(items: Sequence[_Keyed]) -> list[int]:
+    """Positions of ``items`` sorted by topic, then key: the order rows are locked in."""
+    return sorted(
+        range(len(items)),
+        key=lambda i: (items[i].message.topic_key, items[i].message.idempotency_key),
+    )
+
+
+class DeliveryStore:
+    """The statements the pipeline needs. The hot path's three (read the claim state, take
+    the lease, mark sent) are batched across the messages in flight; the rest are one round
+    trip each."""
+
+    BATCHERS = 3  # statements with a batch of their own in flight, each on a connection
+
+    def __init__(self, engine: AsyncEngine, batch_size: int = 64) -> None:
         self.engine = engine
+        self._read_states = Batcher(self._read_states_batch, batch_size)
+        self._take_leases = Batcher(self._take_leases_batch, batch_size)
+        self._mark_sent = Batcher(self._mark_sent_batch, batch_size)
 
     async def ping(self) -> bool:
         """Can a statement reach the database right now?"""
@@ -263,42 +362,13 @@ class DeliveryStore:
         self, message: PriceChange, attempts: int, first_seen_at: datetime
     ) -> tuple[ClaimState, int]:
         """Record the key as pending if new; return its state, its topic's and the version."""
-        rows = await self._execute(
-            _READ_STATE,
-            {
-                "key": message.idempotency_key,
-                "topic": message.topic_key,
-                "attempts": attempts,
-                "first_seen_at": first_seen_at,
-                "occurred_at": message.occurred_at,
-                "payload": message.stored_payload(),
-            },
-        )
-        row = rows[0]
-        state = ClaimState(
-            delivery_status=row.status,
-            watermark=row.watermark,
-            lease_until=row.lease_until,
-            lease_occurred_at=row.lease_occurred_at,
-            now=row.now,
-        )
-        return state, int(row.version)
+        return await self._read_states.submit(_ClaimRead(message, attempts, first_seen_at))
 
     async def take_lease(
         self, message: PriceChange, version: int, token: uuid.UUID, lease_seconds: float
     ) -> bool:
         """Compare-and-set: succeeds only if the topic row is still at ``version``."""
-        rows = await self._execute(
-            _TAKE_LEASE,
-            {
-                "topic": message.topic_key,
-                "occurred_at": message.occurred_at,
-                "version": version,
-                "token": token,
-                "lease_seconds": lease_seconds,
-            },
-        )
-        return bool(rows)
+        return await self._take_leases.submit(_LeaseTake(message, version, token, lease_seconds))
 
     async def mark_sent(
         self,
@@ -309,18 +379,81 @@ class DeliveryStore:
         provider_message_id: str | None,
     ) -> None:
         """Record the send, raise the topic watermark and release the lease, atomically."""
-        await self._execute(
-            _MARK_SENT,
+        await self._mark_sent.submit(
+            _Sent(message, token, attempts, provider_status, provider_message_id)
+        )
+
+    async def _read_states_batch(self, reads: Sequence[_ClaimRead]) -> list[tuple[ClaimState, int]]:
+        order = _by_topic(reads)
+        rows = await self._execute_batch(
+            _READ_STATES,
             {
-                "key": message.idempotency_key,
-                "topic": message.topic_key,
-                "occurred_at": message.occurred_at,
-                "token": token,
-                "attempts": attempts,
-                "provider_status": provider_status,
-                "provider_message_id": provider_message_id,
+                "keys": [reads[i].message.idempotency_key for i in order],
+                "topics": [reads[i].message.topic_key for i in order],
+                "attempts": [reads[i].attempts for i in order],
+                "first_seen_at": [reads[i].first_seen_at for i in order],
+                "occurred_at": [reads[i].message.occurred_at for i in order],
+                "payloads": [dumps(reads[i].message.stored_payload()) for i in order],
             },
         )
+        results: list[tuple[ClaimState, int]] = [(_NO_STATE, 0)] * len(reads)
+        for position, row in zip(order, rows, strict=True):
+            state = ClaimState(
+                delivery_status=row.status,
+                watermark=row.watermark,
+                lease_until=row.lease_until,
+                lease_occurred_at=row.lease_occurred_at,
+                now=row.now,
+            )
+            results[position] = (state, int(row.version))
+        return results
+
+    async def _take_leases_batch(self, takes: Sequence[_LeaseTake]) -> list[bool]:
+        order = _by_topic(takes)
+        rows = await self._execute_batch(
+            _TAKE_LEASES,
+            {
+                "topics": [takes[i].message.topic_key for i in order],
+                "versions": [takes[i].version for i in order],
+                "tokens": [takes[i].token for i in order],
+                "occurred_at": [takes[i].message.occurred_at for i in order],
+                "lease_seconds": [takes[i].lease_seconds for i in order],
+            },
+        )
+        won = {row.lease_token for row in rows}
+        return [take.token in won for take in takes]
+
+    async def _mark_sent_batch(self, sends: Sequence[_Sent]) -> list[None]:
+        order = _by_topic(sends)
+        await self._execute_batch(
+            _MARK_SENT,
+            {
+                "keys": [sends[i].message.idempotency_key for i in order],
+                "topics": [sends[i].message.topic_key for i in order],
+                "occurred_at": [sends[i].message.occurred_at for i in order],
+                "tokens": [sends[i].token for i in order],
+                "attempts": [sends[i].attempts for i in order],
+                "provider_statuses": [sends[i].provider_status for i in order],
+                "provider_message_ids": [sends[i].provider_message_id for i in order],
+            },
+        )
+        return [None] * len(sends)
+
+    async def _execute_batch(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """One multi-row statement; run again if PostgreSQL broke a deadlock by aborting it.
+
+        A deadlock between two replicas' batches is possible despite the sorted input (the
+        statements lock rows of two tables); the aborted statement changed nothing.
+        """
+        attempt = 1
+        while True:
+            try:
+                return await self._execute(statement, params)
+            except DBAPIError as exc:
+                deadlock = getattr(exc.orig, "sqlstate", None) == _DEADLOCK
+                if not deadlock or attempt >= _DEADLOCK_ATTEMPTS:
+                    raise
+                attempt += 1
 
     async def record_failure(
         self,

@@ -1,0 +1,75 @@
+"""Group commit: concurrent calls of one statement coalesced into one multi-row round trip.
+
+While a batch is at the database, the calls that arrive wait together and go as the next
+batch. With one message in flight a call runs at once, alone; under load each round trip
+carries as many rows as there are messages at that step, so the per-statement cost (a round
+trip, a commit, the driver's and SQLAlchemy's work) is paid once per batch instead of once per
+message. Each batch is one statement: it commits or fails as a whole, and a failure reaches
+every caller in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+BatchRunner = Callable[[Sequence[Item]], Awaitable[Sequence[Result]]]
+
+
+class Batcher(Generic[Item, Result]):
+    """Runs ``run`` on up to ``max_size`` items at a time, at most one batch in flight.
+
+    ``run`` gets the items in arrival order and returns one result per item, in that order.
+    """
+
+    def __init__(self, run: BatchRunner[Item, Result], max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self._run = run
+        self._max_size = max_size
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._flusher is None:
+            # a task, not a call: the calls made in this same turn of the loop join the batch
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_size]
+                del self._waiting[: self._max_size]
+                await self._run_batch(batch)
+        finally:
+            self._flusher = None
+
+    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting.clear()
+            raise
+        except Exception as exc:  # noqa: BLE001 — handed to every caller, who handles it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if len(results) != len(batch):
+            error = RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its caller may have been cancelled meanwhile
+                future.set_result(result)
