@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test services lint
+.PHONY: demo test services lint bench
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,3 +24,6 @@ test: lint services
 
 demo: $(BIN)/.installed services
 	$(BIN)/python -m worker.demo
+
+bench: $(BIN)/.installed services
+	$(BIN)/python -m bench
