@@ -1,5 +1,6 @@
 """``worker-admin replay`` at scale, as the operator runs it: a real process interrupted by
-SIGINT or killed by SIGKILL and then run again, and a big replay that live alerts overtake.
+SIGINT or SIGTERM or killed by SIGKILL and then run again, and a big replay that live alerts
+overtake.
 
 The dead letters are written with the worker's own statement (``DeliveryStore.dead_letter``),
 as a replica that gave up on them would, so that thousands are ready in a second.
@@ -112,8 +113,9 @@ async def signal_once_replaying(
     return process.returncode, err.decode()
 
 
-async def test_sigint_finishes_the_batch_and_a_rerun_replays_the_rest_once(
-    harness: Harness, admin: Admin, store: DeliveryStore
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_finishes_the_batch_and_a_rerun_replays_the_rest_once(
+    harness: Harness, admin: Admin, store: DeliveryStore, signum: signal.Signals
 ) -> None:
     await dead_letters(store, 3000, "sigint")
     await harness.start()  # declares the work queue
@@ -127,7 +129,7 @@ async def test_sigint_finishes_the_batch_and_a_rerun_replays_the_rest_once(
     ]
     process = await start_admin(harness, "replay", "--all", "--rate", "1000")  # 3 s, 100 a batch
 
-    code, err = await signal_once_replaying(harness, process, signal.SIGINT, after=300)
+    code, err = await signal_once_replaying(harness, process, signum, after=300)
 
     replayed = await replayed_count(harness)
     assert 300 <= replayed < 3000

@@ -13,6 +13,7 @@ from worker.admin.cli import build_parser, filters_of, parse_time, replay_reques
 from worker.admin.errors import UsageError, describe, scrub
 from worker.admin.queries import Filters
 from worker.admin.replay import ReplayReport, replay_message
+from worker.decisions import priority_for
 from worker.envelope import ATTEMPT, FIRST_SEEN_AT, IGNORE_MAX_AGE, LAST_ERROR, REPLAYED_FROM
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -122,6 +123,14 @@ def test_replay_by_id_takes_exactly_those_rows() -> None:
 def test_replay_selection_is_exactly_one_mode(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         replay_request(parse(*argv), max_priority=10)
+
+
+@pytest.mark.parametrize("max_priority", [1, 5, 10, 255])
+def test_replays_default_below_the_priority_admission_gives_fresh_messages(
+    max_priority: int,
+) -> None:
+    fresh = priority_for(0, max_priority)  # what admission publishes a new message at
+    assert replay_request(parse("replay", "--all"), max_priority).priority == fresh - 1
 
 
 def test_replay_priority_is_validated_against_max_priority() -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -53,8 +54,9 @@ expired row replayed with --force is sent despite WORKER_MAX_AGE_SECONDS. Concur
 never publish a row twice (FOR UPDATE SKIP LOCKED). Replays go at --priority, by default
 WORKER_MAX_PRIORITY - 1, below the top priority that admission gives every fresh message, so
 live alerts overtake a replay waiting in the queue. --rate N paces the replay to N messages a
-second (batches of at most N). Ctrl-C finishes the batch in progress and stops: each row is
-either replayed or untouched; run the same command again for the rest.
+second (batches of at most N). Ctrl-C or SIGTERM finishes the batch in progress and stops:
+each row is either replayed or untouched; run the same command again for the rest. A second
+one aborts the batch in progress too.
 """
 
 
@@ -469,10 +471,27 @@ def _fail(message: str, code: int, err: TextIO | None = None) -> int:
     return code
 
 
+async def _interruptible(argv: Sequence[str] | None) -> int:
+    """:func:`run_admin` with Ctrl-C (SIGINT) and SIGTERM cancelling it, each time: the first
+    lets a replay finish its batch in progress and stop, a second aborts that batch too."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await run_admin(argv)
+    except asyncio.CancelledError:
+        return _fail("interrupted", 1)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return uvloop.run(run_admin(argv))
-    except KeyboardInterrupt:
+        return uvloop.run(_interruptible(argv))
+    except KeyboardInterrupt:  # before the event loop runs
         return _fail("interrupted", 1)
     except BrokenPipeError:
         # stdout was closed early (`worker-admin list | head`): stop quietly, as cat would

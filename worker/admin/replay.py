@@ -19,12 +19,12 @@ In batches, each batch one PostgreSQL transaction (READ COMMITTED):
 A failed publish raises and the batch's transaction rolls back: its rows stay unreplayed (keys
 of messages the broker returned or refused go back to ``dead``).
 
-Ctrl-C (the task cancelled) lets the batch in progress finish, publishes confirmed and rows
-committed, and then stops: every row is replayed, published once, or untouched. A second Ctrl-C,
-a kill or a crash between a batch's publish and its commit leaves that batch's rows unreplayed
-although their messages are on the queue; the next replay publishes them again, which is
-harmless: the worker never sends an idempotency key twice. Batches are paced by ``--rate``
-(:mod:`worker.admin.pacing`) between transactions, never within one.
+Ctrl-C or SIGTERM (the task cancelled) lets the batch in progress finish, publishes confirmed
+and rows committed, and then stops: every row is replayed, published once, or untouched. A
+second one, a kill or a crash between a batch's publish and its commit leaves that batch's rows
+unreplayed although their messages are on the queue; the next replay publishes them again,
+which is harmless: the worker never sends an idempotency key twice. Batches are paced by
+``--rate`` (:mod:`worker.admin.pacing`) between transactions, never within one.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.exceptions import AMQPError
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -105,19 +106,25 @@ class Figures:
 
 class BrokerLock:
     """``/tmp/nw-broker.lock``: shared while a test uses the broker, exclusive around a fault
-    that disturbs every user of it (closing all connections, restarting the broker)."""
+    that disturbs every user of it (closing all connections, restarting the broker).
+
+    Under ``flock -s /tmp/nw-broker.lock pytest`` the process inherits the descriptor of that
+    shared lock; a second one of its own could never become exclusive beside it, so the
+    inherited one is used (a flock lock belongs to the open file, which both share).
+    """
 
     def __init__(self) -> None:
-        self._file = BROKER_LOCK.open("a")
-        fcntl.flock(self._file, fcntl.LOCK_SH)
+        inherited = _inherited_descriptor(BROKER_LOCK)
+        self._own = inherited is None
+        self._fd = os.open(BROKER_LOCK, os.O_RDWR | os.O_CREAT) if inherited is None else inherited
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
 
     @contextlib.asynccontextmanager
-    async def exclusive(self, timeout: float = 300) -> AsyncIterator[None]:
-        fcntl.flock(self._file, fcntl.LOCK_UN)  # a shared lock of ours would block the upgrade
+    async def exclusive(self, timeout: float = 600) -> AsyncIterator[None]:
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # converts our shared lock; other holders' shared locks make it wait
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -126,10 +133,19 @@ class BrokerLock:
         try:
             yield
         finally:
-            fcntl.flock(self._file, fcntl.LOCK_SH)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
 
     def close(self) -> None:
-        self._file.close()  # releases the lock
+        if self._own:
+            os.close(self._fd)  # releases the lock; an inherited one stays with its owner
+
+
+def _inherited_descriptor(path: Path) -> int | None:
+    for entry in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(entry)) == path:
+                return int(entry.name)
+    return None
 
 
 async def rabbitmqctl(*args: str) -> str:
@@ -170,7 +186,7 @@ class Fleet:
     replicas: list[ReplicaProcess] = field(default_factory=list)
     published: list[Published] = field(default_factory=list)
     metrics_ports: dict[int, int] = field(default_factory=dict)
-    _connection: AbstractRobustConnection | None = None
+    _connection: AbstractConnection | None = None
     _channel: AbstractChannel | None = None
 
     # ---- processes -------------------------------------------------------------------------
@@ -207,11 +223,20 @@ class Fleet:
     # ---- broker ----------------------------------------------------------------------------
 
     async def channel(self) -> AbstractChannel:
+        """The test's own channel; a fresh connection after a broker fault closed the last."""
         if self._connection is None or self._connection.is_closed:
-            self._connection = await aio_pika.connect_robust(AMQP_URL)
+            self._connection = await aio_pika.connect(AMQP_URL)
+            self._channel = None
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel(publisher_confirms=True)
         return self._channel
+
+    async def forget_connection(self) -> None:
+        """Drop the test's connection (a broker fault took it); the next use opens another."""
+        if self._connection is not None:
+            with contextlib.suppress(AMQPError, OSError):
+                await self._connection.close()
+        self._connection = self._channel = None
 
     async def publish(self, messages: Iterable[Published], chunk: int = 500) -> None:
         """Publish as market data does (persistent, no priority), each confirmed."""
@@ -344,8 +369,7 @@ class Fleet:
     async def close(self) -> None:
         for replica in self.replicas:
             await replica.kill()
-        if self._connection is not None:
-            await self._connection.close()
+        await self.forget_connection()
         await delete_broker_objects(AMQP_URL, self.names, self.source_exchange)
         await self.engine.dispose()
 
