@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, HttpUrl, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -74,18 +74,47 @@ class Settings(BaseSettings):
         "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
         description="PostgreSQL URL (SQLAlchemy form, asyncpg driver)",
     )
-    provider_url: HttpUrl | None = Field(None, description="Provider base URL; required for run")
-    source_exchange: str = Field("price-change", min_length=1, description="Source topic exchange")
-    source_binding: str = Field("#", min_length=1, description="Binding key on the source")
-    queue: str = Field("notifications.work", min_length=1, max_length=200, description="Work queue")
-    concurrency: int = Field(16, ge=1, le=1000, description="Messages in flight per replica")
+    provider_url: HttpUrl | None = Field(
+        None,
+        description="Provider base URL (POST {url}/v1/notifications/{channel}); required for run",
+    )
+    source_exchange: str = Field(
+        "price-change",
+        min_length=1,
+        description="Topic exchange market data publishes to; declared durable if missing",
+    )
+    source_binding: str = Field(
+        "#", min_length=1, description="Binding key of the ingress queue on the source exchange"
+    )
+    queue: str = Field(
+        "notifications.work",
+        min_length=1,
+        max_length=200,
+        description="Work queue; names the ingress, retry and delay queues and exchanges too",
+    )
+    concurrency: int = Field(
+        16, ge=1, le=1000, description="Messages in flight per replica; the work queue's prefetch"
+    )
     max_priority: int = Field(10, ge=1, le=255, description="x-max-priority of the work queue")
-    max_attempts: int = Field(10, ge=1, le=1000, description="Attempts before `exhausted`")
-    max_age_seconds: float = Field(86400, gt=0, description="Older messages end as `expired`")
-    backoff: BackoffPolicy = Field(BackoffPolicy.EXPONENTIAL_JITTER, description="Retry policy")
-    backoff_base_seconds: float = Field(5.0, ge=0, description="First retry delay")
+    max_attempts: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Provider attempts before a retryable failure ends `exhausted`",
+    )
+    max_age_seconds: float = Field(
+        86400, gt=0, description="Older messages (by occurred_at) end as `expired`, unsent"
+    )
+    backoff: BackoffPolicy = Field(
+        BackoffPolicy.EXPONENTIAL_JITTER, description="Retry delay policy"
+    )
+    backoff_base_seconds: float = Field(
+        5.0, ge=0, description="First retry delay (the policy's base)"
+    )
     backoff_max_seconds: float = Field(3600.0, gt=0, description="Cap of any retry delay")
-    delay_backend: DelayBackendName = Field(DelayBackendName.AUTO, description="Delay mechanism")
+    delay_backend: DelayBackendName = Field(
+        DelayBackendName.AUTO, description="Delay mechanism: ttl (plugin-free), plugin, or auto"
+    )
     retry_statuses: Annotated[frozenset[int], NoDecode] = Field(
         parse_status_ranges("408,425,429,500-599"),
         description="Provider statuses that are retried",
@@ -93,11 +122,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         65536, ge=1024, description="Larger bodies are dead-lettered `invalid` unparsed"
     )
-    provider_timeout_seconds: float = Field(10.0, gt=0, le=600, description="Per request")
-    shutdown_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM wait for in-flight")
-    metrics_port: int = Field(9464, ge=0, le=65535, description="/metrics port; 0 = off")
+    provider_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Timeout of one provider request"
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="After SIGTERM, how long in-flight messages may finish"
+    )
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz; 0 = off"
+    )
     log_format: LogFormat = Field(LogFormat.AUTO, description="json, console, or auto (tty)")
-    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$", description="Level")
+    log_level: str = Field(
+        "info",
+        pattern=r"^(debug|info|warning|error)$",
+        description="Log level: debug, info, warning or error",
+    )
 
     @field_validator("retry_statuses", mode="before")
     @classmethod
@@ -114,12 +153,18 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _asyncpg_driver(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme in {"postgresql", "postgres"}:
-            return "postgresql+asyncpg" + value[len(scheme) :]
-        if scheme != "postgresql+asyncpg":
+        """The asyncpg form of a libpq-style URL: driver in the scheme, ``sslmode`` → ``ssl``.
+
+        SQLAlchemy hands the query to ``asyncpg.connect`` as arguments, and asyncpg spells
+        libpq's ``sslmode`` as ``ssl`` (same values: disable … verify-full).
+        """
+        parts = urlsplit(value)
+        if parts.scheme in {"postgresql", "postgres"}:
+            parts = parts._replace(scheme="postgresql+asyncpg")
+        elif parts.scheme != "postgresql+asyncpg":
             raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
-        return value
+        query = [("ssl" if k == "sslmode" else k, v) for k, v in parse_qsl(parts.query)]
+        return urlunsplit(parts._replace(query=urlencode(query)))
 
     @property
     def lease_seconds(self) -> float:
