@@ -110,14 +110,18 @@ class BrokerLock:
 
     Under ``flock -s /tmp/nw-broker.lock pytest`` the process inherits the descriptor of that
     shared lock; a second one of its own could never become exclusive beside it, so the
-    inherited one is used (a flock lock belongs to the open file, which both share).
+    inherited one is used (a flock lock belongs to the open file, which both share) and is
+    shared again after each fault.
     """
 
     def __init__(self) -> None:
         inherited = _inherited_descriptor(BROKER_LOCK)
         self._own = inherited is None
-        self._fd = os.open(BROKER_LOCK, os.O_RDWR | os.O_CREAT) if inherited is None else inherited
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        if inherited is None:
+            self._fd = os.open(BROKER_LOCK, os.O_RDWR | os.O_CREAT)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        else:
+            self._fd = inherited  # held already, by the command this process runs under
 
     @contextlib.asynccontextmanager
     async def exclusive(self, timeout: float = 600) -> AsyncIterator[float]:
