@@ -128,6 +128,7 @@ class Replica:
         finally:
             self._gate.cancel()
             await health.stop()
+            await self._store.close()
             await self._engine.dispose()
         log.info("stopped")
 
