@@ -120,8 +120,10 @@ class BrokerLock:
         fcntl.flock(self._fd, fcntl.LOCK_SH)
 
     @contextlib.asynccontextmanager
-    async def exclusive(self, timeout: float = 600) -> AsyncIterator[None]:
-        deadline = time.monotonic() + timeout
+    async def exclusive(self, timeout: float = 600) -> AsyncIterator[float]:
+        """Hold the lock exclusively; yields the seconds spent waiting for it."""
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             try:  # converts our shared lock; other holders' shared locks make it wait
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,7 +133,7 @@ class BrokerLock:
                     raise TimeoutError(f"no exclusive {BROKER_LOCK} in {timeout:.0f} s") from None
                 await asyncio.sleep(0.2)
         try:
-            yield
+            yield time.monotonic() - started
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_SH)
 

@@ -47,6 +47,7 @@ class Fault:
     started: float = 0.0  # monotonic, as the provider's records
     ended: float = 0.0
     ended_at: datetime | None = None
+    lock_wait: float = 0.0  # other users of the broker finishing first
 
     def begin(self) -> None:
         self.started = time.monotonic()
@@ -59,7 +60,7 @@ class Fault:
 async def broker_fault(fleet: Fleet) -> AsyncIterator[Fault]:
     fault = Fault()
     # taken before the load: waiting for it while the load ran would let the run end first
-    async with fleet.lock.exclusive():
+    async with fleet.lock.exclusive() as fault.lock_wait:
         try:
             yield fault
         finally:
@@ -97,6 +98,7 @@ async def finish_and_verify(fleet: Fleet, fault: Fault, name: str) -> None:
         retries_across_the_fault=len(crossed),
         unfinished_at_fault_end=unfinished,
         first_new_message_finished_after_s=round(recovery, 1),
+        waited_for_exclusive_broker_lock_s=round(fault.lock_wait, 1),
     )
 
 
