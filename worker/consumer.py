@@ -1,9 +1,10 @@
-"""The long-lived replica: connections, the two consumers, and a graceful stop.
+"""The long-lived replica: connections, the scheduler's slots, and a graceful stop.
 
 One robust AMQP connection (it reconnects by itself and restores channels, QoS and
-consumers), one pooled database engine and one provider session per process. The work queue's
-prefetch equals ``WORKER_CONCURRENCY``: every message the replica holds is being processed, so
-the broker's priority order decides what runs next and no buffer of old retries is hoarded.
+consumers), one pooled database engine and one provider session per process.
+``WORKER_CONCURRENCY`` messages run at once, each in a slot of :mod:`worker.scheduler`:
+fresh messages from the ingress queue first, retries from the work queue only for a spare
+slot, so that no buffer of old retries is hoarded while fresh messages wait.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidSt
 from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.admission import Admission
 from worker.delay import declare_delay_backend
 from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED, HealthServer
 from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
+from worker.scheduler import Scheduler
 from worker.settings import Settings
 from worker.topology import declare_topology
 
@@ -116,6 +117,7 @@ class Replica:
         self._store = DeliveryStore(self._engine)
         self._gate = DatabaseGate(self._store.ping)
         self._connection: AbstractRobustConnection | None = None
+        self._scheduler: Scheduler | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         health = HealthServer(self.settings.metrics_port, self._ready)
@@ -128,6 +130,7 @@ class Replica:
         finally:
             self._gate.cancel()
             await health.stop()
+            await self._store.close()
             await self._engine.dispose()
         log.info("stopped")
 
@@ -202,22 +205,22 @@ class Replica:
     ) -> None:
         settings = self.settings
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.set_qos(prefetch_count=settings.concurrency)
         topology = await declare_topology(channel, settings)
         delay = await declare_delay_backend(
             settings.amqp_url, channel, topology, settings.delay_backend
         )
         pipeline = Pipeline(settings, self._store, provider, delay)
 
-        admission_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await admission_channel.set_qos(prefetch_count=settings.concurrency)
-        ingress = await admission_channel.get_queue(topology.names.ingress)
-        admission = Admission(
-            admission_channel.default_exchange, topology.names.queue, settings.max_priority
-        )
-
-        work_tag = await topology.work_queue.consume(partial(self._track, pipeline.handle, True))
-        ingress_tag = await ingress.consume(partial(self._track, admission.handle, False))
+        # Fresh messages: consumed from the ingress queue, two rounds of slots ahead. Retries:
+        # fetched from the work queue on a channel of their own, only for a spare slot.
+        await channel.set_qos(prefetch_count=2 * settings.concurrency)
+        ingress = await channel.get_queue(topology.names.ingress)
+        retry_channel = await connection.channel()
+        retries = await retry_channel.get_queue(topology.names.queue)
+        scheduler = Scheduler(settings.concurrency, retries, partial(self._start, pipeline.handle))
+        self._scheduler = scheduler
+        ingress_tag = await ingress.consume(self._offer)
+        dispatcher = asyncio.create_task(scheduler.run())
         self._consuming = True
         DELAY_BACKEND.labels(delay.name.value).set(1)
         log.info(
@@ -232,38 +235,45 @@ class Replica:
         log.info("stopping", in_flight=len(self._in_flight))
         self._consuming = False  # not ready from here on
         self._stopping = True
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
         # A channel that is reconnecting has no consumer to cancel; if it comes back during
-        # the drain, _track hands its deliveries straight back.
-        for queue, tag in ((ingress, ingress_tag), (topology.work_queue, work_tag)):
-            with contextlib.suppress(*_CONNECTION_LOST, AMQPError):
-                await queue.cancel(tag)
+        # the drain, _offer hands its deliveries straight back.
+        with contextlib.suppress(*_CONNECTION_LOST, AMQPError):
+            await ingress.cancel(ingress_tag)
+        for incoming in scheduler.take_waiting():
+            await _return(incoming, "shutdown")
         await self._drain(settings.shutdown_grace_seconds)
 
-    async def _track(
-        self, handler: _Handler, needs_database: bool, incoming: AbstractIncomingMessage
-    ) -> None:
-        """Run the handler in a task of our own, shielded from the AMQP channel's.
-
-        aiormq cancels a channel's consumer tasks when the connection drops; a message then
-        half-way through the pipeline would stop after the provider accepted it and before the
-        outcome is recorded. Shielded, it finishes, records, and only its ack is lost: the
-        broker redelivers it and the copy finds the key finished.
-        """
-        if self._stopping:
+    async def _offer(self, incoming: AbstractIncomingMessage) -> None:
+        if self._stopping or self._scheduler is None:
             await _return(incoming, "shutdown")
             return
-        task = asyncio.create_task(self._handle(handler, needs_database, incoming))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-        await asyncio.shield(task)
+        await self._scheduler.offer(incoming)
 
-    async def _handle(
-        self, handler: _Handler, needs_database: bool, incoming: AbstractIncomingMessage
-    ) -> None:
+    def _start(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
+        """Run the handler in a task of our own, one slot of the scheduler.
+
+        The task is the replica's, not the AMQP channel's: aiormq cancels a channel's tasks
+        when the connection drops, and a message half-way through the pipeline would then stop
+        after the provider accepted it and before the outcome is recorded. In a task of ours
+        it finishes and records; only its ack is lost, the broker redelivers it, and the copy
+        finds the key finished.
+        """
+        task = asyncio.create_task(self._handle(handler, incoming))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self._scheduler is not None:
+            self._scheduler.release()
+
+    async def _handle(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
         IN_FLIGHT.inc()
         try:
-            if needs_database:
-                await self._gate.wait_open()
+            await self._gate.wait_open()
             await handler(incoming)
         except _CONNECTION_LOST as exc:
             log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])

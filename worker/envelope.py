@@ -1,5 +1,5 @@
 """The envelope of a delivery: the headers the worker reads and sets (SPEC §1), and the
-message it republishes for a retry or for admission.
+message it republishes for a retry or a deferral.
 
 ``x-attempt`` counts failed attempts (absent = 0): attempts are never counted with ``x-death``,
 which brokers since 3.13 no longer let clients carry forward.

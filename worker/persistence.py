@@ -22,7 +22,6 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import (
     DataError,
-    DBAPIError,
     IntegrityError,
     ProgrammingError,
     SQLAlchemyError,
@@ -33,6 +32,7 @@ from sqlalchemy.types import Boolean, DateTime, Integer, LargeBinary
 from worker.batching import Batcher
 from worker.decisions import ClaimState
 from worker.message import PriceChange
+from worker.pinned import PinnedConnection
 from worker.schema import SCHEMA_REVISION
 
 # Errors of a statement or of its data, not of the database's reachability.
@@ -77,12 +77,11 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
 # once, unnest()ed, and every output row numbered by its input position. Input rows are sorted
 # by topic, then key, so that concurrent batches lock rows in one order.
 
-_READ_STATES = text(
-    """
+_READ_STATES = """
     WITH input AS (
-        SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:topics AS text[]),
-                             CAST(:attempts AS int[]), CAST(:first_seen_at AS timestamptz[]),
-                             CAST(:occurred_at AS timestamptz[]), CAST(:payloads AS jsonb[]))
+        SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]),
+                             CAST($3 AS int[]), CAST($4 AS timestamptz[]),
+                             CAST($5 AS timestamptz[]), CAST($6 AS jsonb[]))
             WITH ORDINALITY AS i (key, topic, attempts, first_seen_at, occurred_at, payload, n)
     ), new_delivery AS (
         INSERT INTO deliveries (idempotency_key, topic_key, status, attempts,
@@ -105,17 +104,15 @@ _READ_STATES = text(
     LEFT JOIN deliveries AS d ON d.idempotency_key = i.key
     LEFT JOIN topic_watermarks AS t ON t.topic_key = i.topic
     ORDER BY i.n
-    """
-)
+"""
 
 # Compare-and-set on each topic's version. Two rows of one topic at one version: one wins,
 # and RETURNING names it by its token.
-_TAKE_LEASES = text(
-    """
+_TAKE_LEASES = """
     WITH input AS (
-        SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:versions AS bigint[]),
-                             CAST(:tokens AS uuid[]), CAST(:occurred_at AS timestamptz[]),
-                             CAST(:lease_seconds AS float8[]))
+        SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS bigint[]),
+                             CAST($3 AS uuid[]), CAST($4 AS timestamptz[]),
+                             CAST($5 AS float8[]))
             WITH ORDINALITY AS i (topic, version, token, occurred_at, lease_seconds, n)
     )
     UPDATE topic_watermarks AS t
@@ -129,18 +126,16 @@ _TAKE_LEASES = text(
     FROM input AS i
     WHERE t.topic_key = i.topic AND t.version = i.version
     RETURNING t.lease_token
-    """
-)
+"""
 
 # Record the sends, raise each topic's watermark to its newest sent message and release the
 # leases these sends held, atomically.
-_MARK_SENT = text(
-    """
+_MARK_SENT = """
     WITH input AS (
-        SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:topics AS text[]),
-                             CAST(:occurred_at AS timestamptz[]), CAST(:tokens AS uuid[]),
-                             CAST(:attempts AS int[]), CAST(:provider_statuses AS int[]),
-                             CAST(:provider_message_ids AS text[]))
+        SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]),
+                             CAST($3 AS timestamptz[]), CAST($4 AS uuid[]),
+                             CAST($5 AS int[]), CAST($6 AS int[]),
+                             CAST($7 AS text[]))
             AS i (key, topic, occurred_at, token, attempts, provider_status,
                   provider_message_id)
     ), delivery AS (
@@ -167,8 +162,7 @@ _MARK_SENT = text(
         version = t.version + 1
     FROM per_topic AS p
     WHERE t.topic_key = p.topic
-    """
-)
+"""
 
 # Releasing the lease after a failed send. An attempt that got no answer (timeout, cut
 # connection) may have reached the provider: for ordering it counts as sent, so the watermark
@@ -269,8 +263,6 @@ class RawMessage:
     first_seen_at: datetime
 
 
-_DEADLOCK = "40P01"
-_DEADLOCK_ATTEMPTS = 3
 # a placeholder in a results list about to be filled
 _NO_STATE = ClaimState(
     delivery_status="pending",
@@ -330,6 +322,18 @@ class DeliveryStore:
         self._read_states = Batcher(self._read_states_batch, batch_size)
         self._take_leases = Batcher(self._take_leases_batch, batch_size)
         self._mark_sent = Batcher(self._mark_sent_batch, batch_size)
+        self._read_states_connection = PinnedConnection(engine)
+        self._take_leases_connection = PinnedConnection(engine)
+        self._mark_sent_connection = PinnedConnection(engine)
+
+    async def close(self) -> None:
+        """Give back the batchers' connections (before the engine is disposed)."""
+        for connection in (
+            self._read_states_connection,
+            self._take_leases_connection,
+            self._mark_sent_connection,
+        ):
+            await connection.close()
 
     async def ping(self) -> bool:
         """Can a statement reach the database right now?"""
@@ -385,75 +389,53 @@ class DeliveryStore:
 
     async def _read_states_batch(self, reads: Sequence[_ClaimRead]) -> list[tuple[ClaimState, int]]:
         order = _by_topic(reads)
-        rows = await self._execute_batch(
+        rows = await self._read_states_connection.fetch(
             _READ_STATES,
-            {
-                "keys": [reads[i].message.idempotency_key for i in order],
-                "topics": [reads[i].message.topic_key for i in order],
-                "attempts": [reads[i].attempts for i in order],
-                "first_seen_at": [reads[i].first_seen_at for i in order],
-                "occurred_at": [reads[i].message.occurred_at for i in order],
-                "payloads": [dumps(reads[i].message.stored_payload()) for i in order],
-            },
+            [reads[i].message.idempotency_key for i in order],
+            [reads[i].message.topic_key for i in order],
+            [reads[i].attempts for i in order],
+            [reads[i].first_seen_at for i in order],
+            [reads[i].message.occurred_at for i in order],
+            [dumps(reads[i].message.stored_payload()) for i in order],
         )
         results: list[tuple[ClaimState, int]] = [(_NO_STATE, 0)] * len(reads)
         for position, row in zip(order, rows, strict=True):
             state = ClaimState(
-                delivery_status=row.status,
-                watermark=row.watermark,
-                lease_until=row.lease_until,
-                lease_occurred_at=row.lease_occurred_at,
-                now=row.now,
+                delivery_status=row["status"],
+                watermark=row["watermark"],
+                lease_until=row["lease_until"],
+                lease_occurred_at=row["lease_occurred_at"],
+                now=row["now"],
             )
-            results[position] = (state, int(row.version))
+            results[position] = (state, int(row["version"]))
         return results
 
     async def _take_leases_batch(self, takes: Sequence[_LeaseTake]) -> list[bool]:
         order = _by_topic(takes)
-        rows = await self._execute_batch(
+        rows = await self._take_leases_connection.fetch(
             _TAKE_LEASES,
-            {
-                "topics": [takes[i].message.topic_key for i in order],
-                "versions": [takes[i].version for i in order],
-                "tokens": [takes[i].token for i in order],
-                "occurred_at": [takes[i].message.occurred_at for i in order],
-                "lease_seconds": [takes[i].lease_seconds for i in order],
-            },
+            [takes[i].message.topic_key for i in order],
+            [takes[i].version for i in order],
+            [takes[i].token for i in order],
+            [takes[i].message.occurred_at for i in order],
+            [takes[i].lease_seconds for i in order],
         )
-        won = {row.lease_token for row in rows}
+        won = {row["lease_token"] for row in rows}
         return [take.token in won for take in takes]
 
     async def _mark_sent_batch(self, sends: Sequence[_Sent]) -> list[None]:
         order = _by_topic(sends)
-        await self._execute_batch(
+        await self._mark_sent_connection.fetch(
             _MARK_SENT,
-            {
-                "keys": [sends[i].message.idempotency_key for i in order],
-                "topics": [sends[i].message.topic_key for i in order],
-                "occurred_at": [sends[i].message.occurred_at for i in order],
-                "tokens": [sends[i].token for i in order],
-                "attempts": [sends[i].attempts for i in order],
-                "provider_statuses": [sends[i].provider_status for i in order],
-                "provider_message_ids": [sends[i].provider_message_id for i in order],
-            },
+            [sends[i].message.idempotency_key for i in order],
+            [sends[i].message.topic_key for i in order],
+            [sends[i].message.occurred_at for i in order],
+            [sends[i].token for i in order],
+            [sends[i].attempts for i in order],
+            [sends[i].provider_status for i in order],
+            [sends[i].provider_message_id for i in order],
         )
         return [None] * len(sends)
-
-    async def _execute_batch(self, statement: Any, params: dict[str, Any]) -> list[Any]:
-        """One multi-row statement; run again if PostgreSQL broke a deadlock by aborting it.
-
-        A deadlock between two replicas' batches is possible despite the sorted input (the
-        statements lock rows of two tables); the aborted statement changed nothing.
-        """
-        attempt = 1
-        while True:
-            try:
-                return await self._execute(statement, params)
-            except DBAPIError as exc:
-                deadlock = getattr(exc.orig, "sqlstate", None) == _DEADLOCK
-                if not deadlock or attempt >= _DEADLOCK_ATTEMPTS:
-                    raise
-                attempt += 1
 
     async def record_failure(
         self,

@@ -2,9 +2,9 @@
 
 Market data publishes to the source topic exchange without a priority, and a priority queue
 treats an absent priority as 0, the lowest: new messages would wait behind every retry. So the
-source is bound to an *ingress* queue, and the worker moves each new message into the priority
-work queue at the top priority (see :mod:`worker.admission`). Retries come back through the
-delay machinery straight to the work queue, never through the source exchange.
+source is bound to an *ingress* queue of fresh messages only, served before the priority work
+queue (see :mod:`worker.scheduler`). Retries come back through the delay machinery straight to
+the work queue, never through the source exchange.
 """
 
 from __future__ import annotations

@@ -243,14 +243,19 @@ async def test_show_and_stats(harness: Harness, admin: Admin) -> None:
     assert rejected.idempotency_key in shown.out
     assert '  "ticker": "AAPL",' in shown.out  # the payload, pretty-printed
     assert "status                  dead" in shown.out  # the key's deliveries row
-    assert FIRST_SEEN_AT in shown.out  # the headers
+    assert "first_seen_at" in shown.out
+    # the headers as delivered: none on a first attempt, ours on a retried one
+    assert "x-attempt" not in shown.out
+    retried = await admin("show", str(dead["exhausted"].id))
+    assert FIRST_SEEN_AT in retried.out
+    assert ATTEMPT in retried.out
 
     data = json.loads((await admin("show", str(rejected.id), "--json")).out)
     assert data["payload_json"]["audience"] == "lapsed"
     assert data["delivery"]["status"] == "dead"
     assert data["reason"] == "rejected"
     assert data["attempts"] == 1
-    assert FIRST_SEEN_AT in data["headers"]
+    assert data["headers"] == {}
 
     invalid = await admin("show", str(dead["invalid"].id))
     assert "not UTF-8; escaped: b'\\xff\\xfe{" in invalid.out

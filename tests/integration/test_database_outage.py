@@ -37,8 +37,8 @@ async def test_outage_holds_messages_and_recovers(harness: Harness) -> None:
     await _set_reachable(harness.database_url, False)
     with capture_logs() as events:
         await _hold_during_outage(harness, port, before)
-    await harness.wait_finished(5, timeout=30)
-    assert sorted(r.status for r in harness.provider.requests) == [200] * 5
+    await harness.wait_finished(10, timeout=30)
+    assert sorted(r.status for r in harness.provider.requests) == [200] * 10
     rows = await harness.rows("SELECT count(*) AS n FROM dead_letters")
     assert rows[0].n == 0
     async with aiohttp.ClientSession() as http:
@@ -50,7 +50,7 @@ async def test_outage_holds_messages_and_recovers(harness: Harness) -> None:
 
 async def _hold_during_outage(harness: Harness, port: int, before: str) -> None:
     try:
-        for index in range(5):
+        for index in range(10):
             await harness.publish(price_change(ticker=f"DB{index}"))
         await asyncio.sleep(3)
         async with aiohttp.ClientSession() as http:
@@ -62,9 +62,9 @@ async def _hold_during_outage(harness: Harness, port: int, before: str) -> None:
         channel = await harness.channel()
         ingress = await channel.declare_queue(harness.names.ingress, passive=True)
         work = await channel.declare_queue(harness.names.queue, passive=True)
-        # Admission (broker only) went on; the pipeline holds its prefetch of 4 unacked and
-        # takes no more: the fifth still waits in the queue. Nothing was acked or failed.
-        assert ingress.declaration_result.message_count == 0
-        assert work.declaration_result.message_count == 5 - 4
+        # The replica holds its prefetch of fresh messages (two rounds of its 4 slots) unacked
+        # and takes no more: the other two still wait in the queue. Nothing was acked or failed.
+        assert ingress.declaration_result.message_count == 10 - 2 * 4
+        assert work.declaration_result.message_count == 0
     finally:
         await _set_reachable(harness.database_url, True)

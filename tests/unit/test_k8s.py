@@ -93,20 +93,21 @@ def test_the_kustomization_applies_every_manifest_but_the_example_secret() -> No
     assert resources == manifests - {"kustomization.yaml", "secret.example.yaml"}
 
 
-def test_the_scaled_object_scales_the_worker_on_its_work_queue() -> None:
+def test_the_scaled_object_scales_the_worker_on_its_ingress_and_work_queues() -> None:
     deployment, config = one("Deployment"), one("ConfigMap")["data"]
     scaled = one("ScaledObject")["spec"]
     assert scaled["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
     assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["queueName"] == config["WORKER_QUEUE"]
-    assert trigger["metadata"]["mode"] == "QueueLength"
-    assert float(trigger["metadata"]["value"]) > 0
-
+    triggers = scaled["triggers"]
+    queue = config["WORKER_QUEUE"]
+    assert {t["metadata"]["queueName"] for t in triggers} == {f"{queue}.ingress", queue}
     authentication = one("TriggerAuthentication")
-    assert trigger["authenticationRef"]["name"] == authentication["metadata"]["name"]
+    for trigger in triggers:
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert float(trigger["metadata"]["value"]) > 0
+        assert trigger["authenticationRef"]["name"] == authentication["metadata"]["name"]
     (host,) = authentication["spec"]["secretTargetRef"]
     assert host["parameter"] == "host"
     # KEDA reads the very URL the worker connects with

@@ -52,11 +52,11 @@ rows never replayed (so replaying twice publishes nothing twice), unless --repla
 the rows replayed before. Rows of reason expired or invalid are skipped unless --force; an
 expired row replayed with --force is sent despite WORKER_MAX_AGE_SECONDS. Concurrent replays
 never publish a row twice (FOR UPDATE SKIP LOCKED). Replays go at --priority, by default
-WORKER_MAX_PRIORITY - 1, below the top priority that admission gives every fresh message, so
-live alerts overtake a replay waiting in the queue. --rate N paces the replay to N messages a
-second (batches of at most N). Ctrl-C or SIGTERM finishes the batch in progress and stops:
-each row is either replayed or untouched; run the same command again for the rest. A second
-one aborts the batch in progress too.
+WORKER_MAX_PRIORITY - 1, in the work queue, which replicas serve only with slots that no fresh
+message wants, so live alerts overtake a replay waiting in the queue. --rate N paces the
+replay to N messages a second (batches of at most N). Ctrl-C or SIGTERM finishes the batch in
+progress and stops: each row is either replayed or untouched; run the same command again for
+the rest. A second one aborts the batch in progress too.
 """
 
 

@@ -1,0 +1,82 @@
+"""A pool connection kept by one batcher, for its statements straight through asyncpg.
+
+A batcher has one statement in flight at a time, so it keeps one connection of the engine's
+pool for itself and runs its statement on the asyncpg connection underneath, without a pool
+checkout and SQLAlchemy's execution layer around every call (measured here: about 100 µs of
+CPU per statement instead of about 500). Errors come out as SQLAlchemy's, as from any other
+statement of the store: the database's refusal of the statement as ``DataError``,
+``IntegrityError`` or ``ProgrammingError``, anything else (the connection, the server) as
+``OperationalError``, after which the connection is dropped and the next call takes a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+# SQLSTATE classes of a statement the database refused; the connection is still good.
+_STATEMENT_CLASSES: dict[str, type[DBAPIError]] = {
+    "22": DataError,
+    "23": IntegrityError,
+    "42": ProgrammingError,
+}
+DEADLOCK = "40P01"  # also leaves the connection good: the statement is simply run again
+_DEADLOCK_ATTEMPTS = 3
+
+
+def translate(error: BaseException, statement: str) -> DBAPIError:
+    sqlstate = str(getattr(error, "sqlstate", "") or "")
+    kind = _STATEMENT_CLASSES.get(sqlstate[:2], OperationalError)
+    return kind(statement, None, error)
+
+
+def keeps_connection(error: BaseException) -> bool:
+    sqlstate = str(getattr(error, "sqlstate", "") or "")
+    return sqlstate == DEADLOCK or sqlstate[:2] in _STATEMENT_CLASSES
+
+
+class PinnedConnection:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+        self._driver: Any = None  # asyncpg.Connection
+
+    async def fetch(self, statement: str, *args: object) -> list[Any]:
+        """Run ``statement`` ($1, $2, … parameters); its rows (asyncpg records).
+
+        A statement PostgreSQL aborted to break a deadlock changed nothing and is run again:
+        two replicas' batches can deadlock, despite their sorted rows, on rows of two tables.
+        """
+        attempt = 1
+        while True:
+            try:
+                return await self._fetch(statement, args)
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != DEADLOCK or attempt >= _DEADLOCK_ATTEMPTS:
+                    raise
+                attempt += 1
+
+    async def _fetch(self, statement: str, args: tuple[object, ...]) -> list[Any]:
+        if self._driver is None:
+            self._connection = await self._engine.connect()
+            self._driver = (await self._connection.get_raw_connection()).driver_connection
+        try:
+            return list(await self._driver.fetch(statement, *args))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if not keeps_connection(exc):
+                await self._drop()
+            raise translate(exc, statement) from exc
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is not None:
+            await connection.invalidate()
+            await connection.close()
+
+    async def close(self) -> None:
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is not None:
+            await connection.close()

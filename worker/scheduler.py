@@ -1,0 +1,84 @@
+"""Who runs next: a replica's slots go to fresh messages first, to retries only when spare.
+
+Fresh messages are consumed from the ingress queue (prefetch: two rounds of slots, so that
+while fresh messages wait on the broker one is always at hand here). Retries, deferred
+messages and replays wait in the priority work queue and are fetched one at a time
+(``basic.get``) only for a slot that no fresh message wants; the work queue's priority then
+hands out fewer attempts before more. So new messages are served before retries, and
+fewer attempts before more, whenever both wait (SPEC §7), without moving every new message
+through a second queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+
+log = structlog.get_logger("worker.scheduler")
+
+# With nothing to do, look for retries this often (a retry's delay is at least a second).
+POLL_SECONDS = 0.05
+# After the broker failed a fetch (e.g. while reconnecting), try again after this pause.
+_FETCH_ERROR_PAUSE_SECONDS = 1.0
+
+Start = Callable[[AbstractIncomingMessage], None]
+
+
+class Scheduler:
+    def __init__(self, slots: int, retries: AbstractQueue, start: Start) -> None:
+        """``start`` runs a message in one slot and must call :meth:`release` when done."""
+        self._free = asyncio.Semaphore(slots)
+        self._retries = retries
+        self._start = start
+        self._fresh: deque[AbstractIncomingMessage] = deque()
+        self._arrived = asyncio.Event()
+
+    async def offer(self, incoming: AbstractIncomingMessage) -> None:
+        """The ingress consumer's callback: a fresh message waits here for a slot."""
+        self._fresh.append(incoming)
+        self._arrived.set()
+
+    def release(self) -> None:
+        self._free.release()
+
+    def take_waiting(self) -> list[AbstractIncomingMessage]:
+        """The fresh messages that never got a slot (to hand back at shutdown)."""
+        waiting = list(self._fresh)
+        self._fresh.clear()
+        return waiting
+
+    async def run(self) -> None:
+        """Hand out slots until cancelled."""
+        while True:
+            await self._free.acquire()
+            try:
+                incoming = await self._next()
+            except BaseException:
+                self._free.release()
+                raise
+            self._start(incoming)
+
+    async def _next(self) -> AbstractIncomingMessage:
+        while True:
+            if self._fresh:
+                return self._fresh.popleft()
+            self._arrived.clear()
+            retry = await self._fetch_retry()
+            if retry is not None:
+                return retry
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), POLL_SECONDS)
+
+    async def _fetch_retry(self) -> AbstractIncomingMessage | None:
+        try:
+            return await self._retries.get(no_ack=False, fail=False)
+        except (AMQPError, ChannelInvalidStateError, OSError) as exc:
+            log.warning("retry_fetch_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(_FETCH_ERROR_PAUSE_SECONDS)
+            return None
