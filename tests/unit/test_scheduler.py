@@ -1,0 +1,98 @@
+"""The scheduler's slots: fresh messages first, a retry only for a slot no fresh one wants."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, cast
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from worker.scheduler import Scheduler
+
+
+class FakeRetries:
+    """The work queue as basic.get sees it: highest priority first, None when empty."""
+
+    def __init__(self, *messages: str) -> None:
+        self.waiting = deque(messages)
+        self.gets = 0
+
+    async def get(self, *, no_ack: bool, fail: bool) -> str | None:
+        assert not no_ack
+        assert not fail
+        self.gets += 1
+        return self.waiting.popleft() if self.waiting else None
+
+
+class Harness:
+    def __init__(self, slots: int, *retries: str) -> None:
+        self.retries = FakeRetries(*retries)
+        self.started: list[str] = []
+        self.scheduler = Scheduler(slots, cast(AbstractQueue, self.retries), self._start)
+        self.task: asyncio.Task[None] | None = None
+
+    def _start(self, incoming: AbstractIncomingMessage) -> None:
+        self.started.append(cast(Any, incoming))
+
+    async def offer(self, *fresh: str) -> None:
+        for name in fresh:
+            await self.scheduler.offer(cast(AbstractIncomingMessage, name))
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Harness:
+        self.task = asyncio.create_task(self.scheduler.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def test_fresh_messages_take_the_slots_before_any_retry() -> None:
+    harness = Harness(2, "retry-1", "retry-2")
+    await harness.offer("fresh-1", "fresh-2", "fresh-3")
+    async with harness:
+        await harness.settle()
+        assert harness.started == ["fresh-1", "fresh-2"]  # two slots, both fresh
+        harness.scheduler.release()
+        await harness.settle()
+        assert harness.started[2] == "fresh-3"
+        assert harness.retries.gets == 0  # no retry fetched while fresh ones waited
+
+
+async def test_a_spare_slot_fetches_a_retry() -> None:
+    harness = Harness(2, "retry-1", "retry-2", "retry-3")
+    await harness.offer("fresh-1")
+    async with harness:
+        await harness.settle()
+        assert harness.started == ["fresh-1", "retry-1"]
+        harness.scheduler.release()
+        await harness.offer("fresh-2")  # arrives while a retry is still waiting
+        await harness.settle()
+        assert harness.started[2] == "fresh-2"
+        assert list(harness.retries.waiting) == ["retry-2", "retry-3"]
+
+
+async def test_an_idle_slot_wakes_for_a_fresh_message_without_waiting_for_the_poll() -> None:
+    harness = Harness(1)
+    async with harness:
+        await harness.settle()
+        assert harness.started == []
+        await harness.offer("fresh-1")
+        await harness.settle()  # turns of the loop, no time: not the 50 ms poll
+        assert harness.started == ["fresh-1"]
+
+
+async def test_waiting_fresh_messages_are_handed_back_at_shutdown() -> None:
+    harness = Harness(1)
+    await harness.offer("fresh-1", "fresh-2")
+    async with harness:
+        await harness.settle()
+    assert harness.started == ["fresh-1"]
+    assert cast(list[Any], harness.scheduler.take_waiting()) == ["fresh-2"]
+    assert harness.scheduler.take_waiting() == []
