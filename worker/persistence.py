@@ -73,7 +73,7 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
     )
 
 
-# The hot path's three statements take a batch of rows each (worker.batching): arrays bound
+# The statements of every delivery take a batch of rows each (worker.batching): arrays bound
 # once, unnest()ed, and every output row numbered by its input position. Input rows are sorted
 # by topic, then key, so that concurrent batches lock rows in one order.
 
@@ -169,23 +169,29 @@ _MARK_SENT = """
 # rises to its occurred_at and no older message of the topic is sent after it.
 _RELEASE = """
     lease_token = NULL, lease_until = NULL, lease_occurred_at = NULL, version = version + 1,
-    occurred_at = CASE WHEN :maybe_delivered THEN GREATEST(occurred_at, lease_occurred_at)
+    occurred_at = CASE WHEN {maybe_delivered} THEN GREATEST(occurred_at, lease_occurred_at)
                        ELSE occurred_at END
 """
 
-_RECORD_FAILURE = text(
-    f"""
-    WITH delivery AS (
-        UPDATE deliveries
-        SET attempts = :attempts, last_error = :last_error, provider_status = :provider_status,
-            updated_at = now()
-        WHERE idempotency_key = :key AND status = 'pending'
+# Count the failed attempts and release the leases they held (batched like the three above).
+_RECORD_FAILURES = f"""
+    WITH input AS (
+        SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]), CAST($3 AS uuid[]),
+                             CAST($4 AS int[]), CAST($5 AS int[]), CAST($6 AS text[]),
+                             CAST($7 AS bool[]))
+            AS i (key, topic, token, attempts, provider_status, last_error, maybe_delivered)
+    ), delivery AS (
+        UPDATE deliveries AS d
+        SET attempts = i.attempts, last_error = i.last_error,
+            provider_status = i.provider_status, updated_at = now()
+        FROM input AS i
+        WHERE d.idempotency_key = i.key AND d.status = 'pending'
     )
     UPDATE topic_watermarks
-    SET {_RELEASE}
-    WHERE topic_key = :topic AND lease_token = :token
-    """
-).bindparams(bindparam("maybe_delivered", type_=Boolean))
+    SET {_RELEASE.format(maybe_delivered="i.maybe_delivered")}
+    FROM input AS i
+    WHERE topic_key = i.topic AND lease_token = i.token
+"""
 
 _MARK_SUPERSEDED = text(
     """
@@ -219,7 +225,7 @@ _DEAD_LETTER_DELIVERY = text(
         RETURNING idempotency_key
     ), released AS (
         UPDATE topic_watermarks
-        SET {_RELEASE}
+        SET {_RELEASE.format(maybe_delivered=":maybe_delivered")}
         WHERE topic_key = :topic AND lease_token = :token
     )
     INSERT INTO dead_letters {_DEAD_LETTER_COLUMNS}
@@ -289,6 +295,15 @@ class _LeaseTake:
 
 
 @dataclass(frozen=True, slots=True)
+class _Failure:
+    message: PriceChange
+    token: uuid.UUID
+    attempts: int
+    provider_status: int | None
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Sent:
     message: PriceChange
     token: uuid.UUID
@@ -311,20 +326,22 @@ def _by_topic(items: Sequence[_Keyed]) -> list[int]:
 
 
 class DeliveryStore:
-    """The statements the pipeline needs. The hot path's three (read the claim state, take
-    the lease, mark sent) are batched across the messages in flight; the rest are one round
-    trip each."""
+    """The statements the pipeline needs. Those of every delivery (read the claim state, take
+    the lease, mark sent, record a failure) are batched across the messages in flight; the
+    rarer ones (supersession, dead letters) are one round trip each."""
 
-    BATCHERS = 3  # statements with a batch of their own in flight, each on a connection
+    BATCHERS = 4  # statements with a batch of their own in flight, each on a connection
 
     def __init__(self, engine: AsyncEngine, batch_size: int = 64) -> None:
         self.engine = engine
         self._read_states = Batcher(self._read_states_batch, batch_size)
         self._take_leases = Batcher(self._take_leases_batch, batch_size)
         self._mark_sent = Batcher(self._mark_sent_batch, batch_size)
+        self._record_failures = Batcher(self._record_failures_batch, batch_size)
         self._read_states_connection = PinnedConnection(engine)
         self._take_leases_connection = PinnedConnection(engine)
         self._mark_sent_connection = PinnedConnection(engine)
+        self._record_failures_connection = PinnedConnection(engine)
 
     async def close(self) -> None:
         """Give back the batchers' connections (before the engine is disposed)."""
@@ -332,6 +349,7 @@ class DeliveryStore:
             self._read_states_connection,
             self._take_leases_connection,
             self._mark_sent_connection,
+            self._record_failures_connection,
         ):
             await connection.close()
 
@@ -450,18 +468,23 @@ class DeliveryStore:
         ``provider_status`` None (no answer) may mean the provider accepted it: the topic's
         watermark then rises to this message, so no older one is sent after it.
         """
-        await self._execute(
-            _RECORD_FAILURE,
-            {
-                "key": message.idempotency_key,
-                "topic": message.topic_key,
-                "token": token,
-                "attempts": attempts,
-                "provider_status": provider_status,
-                "last_error": last_error,
-                "maybe_delivered": provider_status is None,
-            },
+        await self._record_failures.submit(
+            _Failure(message, token, attempts, provider_status, last_error)
         )
+
+    async def _record_failures_batch(self, failures: Sequence[_Failure]) -> list[None]:
+        order = _by_topic(failures)
+        await self._record_failures_connection.fetch(
+            _RECORD_FAILURES,
+            [failures[i].message.idempotency_key for i in order],
+            [failures[i].message.topic_key for i in order],
+            [failures[i].token for i in order],
+            [failures[i].attempts for i in order],
+            [failures[i].provider_status for i in order],
+            [failures[i].last_error for i in order],
+            [failures[i].provider_status is None for i in order],
+        )
+        return [None] * len(failures)
 
     async def mark_superseded(self, message: PriceChange) -> None:
         await self._execute(_MARK_SUPERSEDED, {"key": message.idempotency_key})
