@@ -17,43 +17,50 @@ from typing import Generic, TypeVar
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-BatchRunner = Callable[[Sequence[Item]], Awaitable[Sequence[Result]]]
+# Runs one batch on one lane (0 … lanes-1): a lane is what a batch in flight holds, such as a
+# database connection of its own.
+BatchRunner = Callable[[Sequence[Item], int], Awaitable[Sequence[Result]]]
 
 
 class Batcher(Generic[Item, Result]):
-    """Runs ``run`` on up to ``max_size`` items at a time, at most one batch in flight.
+    """Runs ``run`` on up to ``max_size`` items at a time, at most ``lanes`` batches in flight.
 
     ``run`` gets the items in arrival order and returns one result per item, in that order.
+    More than one lane lets a batch start while another waits for its commit to be flushed,
+    so that the statement's throughput is not one commit at a time.
     """
 
-    def __init__(self, run: BatchRunner[Item, Result], max_size: int) -> None:
-        if max_size < 1:
-            raise ValueError("max_size must be at least 1")
+    def __init__(self, run: BatchRunner[Item, Result], max_size: int, lanes: int = 1) -> None:
+        if max_size < 1 or lanes < 1:
+            raise ValueError("max_size and lanes must be at least 1")
         self._run = run
         self._max_size = max_size
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._free_lanes = list(range(lanes))
+        self._flushers: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
-        if self._flusher is None:
+        if self._free_lanes:
             # a task, not a call: the calls made in this same turn of the loop join the batch
-            self._flusher = asyncio.create_task(self._flush())
+            flusher = asyncio.create_task(self._flush(self._free_lanes.pop()))
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
         return await future
 
-    async def _flush(self) -> None:
+    async def _flush(self, lane: int) -> None:
         try:
             while self._waiting:
                 batch = self._waiting[: self._max_size]
                 del self._waiting[: self._max_size]
-                await self._run_batch(batch)
+                await self._run_batch(batch, lane)
         finally:
-            self._flusher = None
+            self._free_lanes.append(lane)
 
-    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[Result]]], lane: int) -> None:
         try:
-            results = await self._run([item for item, _ in batch])
+            results = await self._run([item for item, _ in batch], lane)
         except asyncio.CancelledError:
             for _, future in [*batch, *self._waiting]:
                 future.cancel()

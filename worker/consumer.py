@@ -54,7 +54,7 @@ _POOL_CAP = 10
 
 def pool_size(concurrency: int) -> int:
     """Database connections per replica: no more than its statements can use at once."""
-    return min(concurrency, _POOL_CAP) + DeliveryStore.BATCHERS
+    return min(concurrency, _POOL_CAP) + DeliveryStore.PINNED
 
 
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
@@ -292,6 +292,10 @@ class Replica:
             log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(_ERROR_PAUSE_SECONDS)
             await _return(incoming, "broker")
+        except Exception:
+            log.exception("returned_to_queue", cause="unexpected error")
+            await asyncio.sleep(_ERROR_PAUSE_SECONDS)
+            await _return(incoming, "unexpected")
         finally:
             IN_FLIGHT.dec()
 

@@ -82,6 +82,7 @@ class Delivery:
             routing_key=self.incoming.routing_key,
             headers=carried_headers(self.incoming.headers or {}),
             first_seen_at=self.first_seen_at,
+            redelivered=bool(self.incoming.redelivered),
         )
 
     def republish(

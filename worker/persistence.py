@@ -244,16 +244,26 @@ _DEAD_LETTER_DELIVERY = text(
     bindparam("maybe_delivered", type_=Boolean),
 )
 
+# An invalid body has no idempotency key. A copy the broker redelivers (its first delivery
+# died between this insert and the ack) finds the row of the same bytes and adds none; a first
+# delivery is always recorded.
 _DEAD_LETTER_INVALID = text(
     f"""
     INSERT INTO dead_letters {_DEAD_LETTER_COLUMNS}
-    VALUES (NULL, 'invalid', :body, :content_type, :routing_key, :headers,
-            NULL, NULL, NULL, :attempts, :last_error, :first_seen_at)
+    SELECT NULL, 'invalid', :body, :content_type, :routing_key, :headers,
+           NULL, NULL, NULL, :attempts, :last_error, :first_seen_at
+    WHERE NOT (:redelivered AND EXISTS (
+        SELECT 1 FROM dead_letters
+        WHERE reason = 'invalid' AND idempotency_key IS NULL AND payload = :body
+          AND content_type IS NOT DISTINCT FROM :content_type
+          AND routing_key IS NOT DISTINCT FROM :routing_key
+    ))
     RETURNING id
     """
 ).bindparams(
     bindparam("headers", type_=JSONB),
     bindparam("body", type_=LargeBinary),
+    bindparam("redelivered", type_=Boolean),
     bindparam("first_seen_at", type_=DateTime(timezone=True)),
 )
 
@@ -267,6 +277,7 @@ class RawMessage:
     routing_key: str | None
     headers: dict[str, Any]
     first_seen_at: datetime
+    redelivered: bool = False  # the broker delivered it before, unacked
 
 
 # a placeholder in a results list about to be filled
@@ -330,28 +341,35 @@ class DeliveryStore:
     the lease, mark sent, record a failure) are batched across the messages in flight; the
     rarer ones (supersession, dead letters) are one round trip each."""
 
-    BATCHERS = 4  # statements with a batch of their own in flight, each on a connection
+    # Batches of one statement in flight at once: while one waits for its commit to reach the
+    # disk, the next can start. Each lane keeps a pool connection (PINNED of them in all).
+    LANES = 2
+    PINNED = 4 * LANES
 
     def __init__(self, engine: AsyncEngine, batch_size: int = 64) -> None:
         self.engine = engine
-        self._read_states = Batcher(self._read_states_batch, batch_size)
-        self._take_leases = Batcher(self._take_leases_batch, batch_size)
-        self._mark_sent = Batcher(self._mark_sent_batch, batch_size)
-        self._record_failures = Batcher(self._record_failures_batch, batch_size)
-        self._read_states_connection = PinnedConnection(engine)
-        self._take_leases_connection = PinnedConnection(engine)
-        self._mark_sent_connection = PinnedConnection(engine)
-        self._record_failures_connection = PinnedConnection(engine)
+        self._read_states = Batcher(self._read_states_batch, batch_size, self.LANES)
+        self._take_leases = Batcher(self._take_leases_batch, batch_size, self.LANES)
+        self._mark_sent = Batcher(self._mark_sent_batch, batch_size, self.LANES)
+        self._record_failures = Batcher(self._record_failures_batch, batch_size, self.LANES)
+        self._read_states_lanes = self._pin()
+        self._take_leases_lanes = self._pin()
+        self._mark_sent_lanes = self._pin()
+        self._record_failures_lanes = self._pin()
+
+    def _pin(self) -> list[PinnedConnection]:
+        return [PinnedConnection(self.engine) for _ in range(self.LANES)]
 
     async def close(self) -> None:
         """Give back the batchers' connections (before the engine is disposed)."""
-        for connection in (
-            self._read_states_connection,
-            self._take_leases_connection,
-            self._mark_sent_connection,
-            self._record_failures_connection,
+        for lanes in (
+            self._read_states_lanes,
+            self._take_leases_lanes,
+            self._mark_sent_lanes,
+            self._record_failures_lanes,
         ):
-            await connection.close()
+            for connection in lanes:
+                await connection.close()
 
     async def ping(self) -> bool:
         """Can a statement reach the database right now?"""
@@ -405,9 +423,11 @@ class DeliveryStore:
             _Sent(message, token, attempts, provider_status, provider_message_id)
         )
 
-    async def _read_states_batch(self, reads: Sequence[_ClaimRead]) -> list[tuple[ClaimState, int]]:
+    async def _read_states_batch(
+        self, reads: Sequence[_ClaimRead], lane: int
+    ) -> list[tuple[ClaimState, int]]:
         order = _by_topic(reads)
-        rows = await self._read_states_connection.fetch(
+        rows = await self._read_states_lanes[lane].fetch(
             _READ_STATES,
             [reads[i].message.idempotency_key for i in order],
             [reads[i].message.topic_key for i in order],
@@ -428,9 +448,9 @@ class DeliveryStore:
             results[position] = (state, int(row["version"]))
         return results
 
-    async def _take_leases_batch(self, takes: Sequence[_LeaseTake]) -> list[bool]:
+    async def _take_leases_batch(self, takes: Sequence[_LeaseTake], lane: int) -> list[bool]:
         order = _by_topic(takes)
-        rows = await self._take_leases_connection.fetch(
+        rows = await self._take_leases_lanes[lane].fetch(
             _TAKE_LEASES,
             [takes[i].message.topic_key for i in order],
             [takes[i].version for i in order],
@@ -441,9 +461,9 @@ class DeliveryStore:
         won = {row["lease_token"] for row in rows}
         return [take.token in won for take in takes]
 
-    async def _mark_sent_batch(self, sends: Sequence[_Sent]) -> list[None]:
+    async def _mark_sent_batch(self, sends: Sequence[_Sent], lane: int) -> list[None]:
         order = _by_topic(sends)
-        await self._mark_sent_connection.fetch(
+        await self._mark_sent_lanes[lane].fetch(
             _MARK_SENT,
             [sends[i].message.idempotency_key for i in order],
             [sends[i].message.topic_key for i in order],
@@ -472,9 +492,9 @@ class DeliveryStore:
             _Failure(message, token, attempts, provider_status, last_error)
         )
 
-    async def _record_failures_batch(self, failures: Sequence[_Failure]) -> list[None]:
+    async def _record_failures_batch(self, failures: Sequence[_Failure], lane: int) -> list[None]:
         order = _by_topic(failures)
-        await self._record_failures_connection.fetch(
+        await self._record_failures_lanes[lane].fetch(
             _RECORD_FAILURES,
             [failures[i].message.idempotency_key for i in order],
             [failures[i].message.topic_key for i in order],
@@ -521,13 +541,21 @@ class DeliveryStore:
         )
         return int(rows[0].id) if rows else None
 
-    async def dead_letter_invalid(self, raw: RawMessage, last_error: str, attempts: int) -> int:
-        """Keep an invalid body's raw bytes with the reason it was refused."""
+    async def dead_letter_invalid(
+        self, raw: RawMessage, last_error: str, attempts: int
+    ) -> int | None:
+        """Keep an invalid body's raw bytes with the reason it was refused. None: a
+        redelivered copy of a body already recorded, nothing written."""
         rows = await self._execute(
             _DEAD_LETTER_INVALID,
-            {"last_error": last_error, "attempts": attempts, **_raw_params(raw)},
+            {
+                "last_error": last_error,
+                "attempts": attempts,
+                "redelivered": raw.redelivered,
+                **_raw_params(raw),
+            },
         )
-        return int(rows[0].id)
+        return int(rows[0].id) if rows else None
 
 
 def _raw_params(raw: RawMessage) -> dict[str, Any]:

@@ -65,7 +65,15 @@ class PinnedConnection:
             self._driver = (await self._connection.get_raw_connection()).driver_connection
         try:
             return list(await self._driver.fetch(statement, *args))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            # The server's FATAL (pg_terminate_backend, a restart) was read while the
+            # connection was idle, and its loss not yet noticed: the next call fails with this.
+            asyncpg.InternalClientError,
+            OSError,
+            TimeoutError,
+        ) as exc:
             if not keeps_connection(exc):
                 await self._drop()
             raise translate(exc, statement) from exc

@@ -101,6 +101,9 @@ class Pipeline:
             dead_id = await self.store.dead_letter_invalid(
                 delivery.raw(), str(exc), delivery.attempt
             )
+            if dead_id is None:  # redelivered after a crash before its ack
+                log.info("already_finished", outcome=Outcome.ALREADY_FINISHED, error=str(exc))
+                return Outcome.ALREADY_FINISHED
             log.warning("dead_lettered", outcome="invalid", error=str(exc), dead_letter=dead_id)
             return Outcome.INVALID
         bound = log.bind(idempotency_key=message.idempotency_key, attempt=delivery.attempt)

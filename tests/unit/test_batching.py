@@ -13,11 +13,13 @@ from worker.batching import Batcher
 class Recorder:
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[int]] = []
+        self.lanes: list[int] = []
         self.fail_on = fail_on
         self.release = asyncio.Event()
         self.release.set()
 
-    async def run(self, items: Sequence[int]) -> list[int]:
+    async def run(self, items: Sequence[int], lane: int) -> list[int]:
+        self.lanes.append(lane)
         self.batches.append(list(items))
         await self.release.wait()
         if self.fail_on in items:
@@ -79,6 +81,26 @@ async def test_a_cancelled_caller_leaves_the_batch_to_the_others() -> None:
         await doomed
 
 
-def test_max_size_must_be_positive() -> None:
+async def test_with_two_lanes_a_second_batch_starts_while_the_first_is_in_flight() -> None:
+    recorder = Recorder()
+    batcher = Batcher(recorder.run, 8, lanes=2)
+    recorder.release.clear()
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    second = asyncio.create_task(batcher.submit(2))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert recorder.batches == [[1], [2]]  # both at the "database" at once
+    assert sorted(recorder.lanes) == [0, 1]
+    third = [asyncio.create_task(batcher.submit(n)) for n in (3, 4)]
+    await asyncio.sleep(0)
+    recorder.release.set()
+    assert [await first, await second, *[await t for t in third]] == [10, 20, 30, 40]
+    assert recorder.batches[2] == [3, 4]  # waited for a free lane, then went together
+
+
+@pytest.mark.parametrize(("max_size", "lanes"), [(0, 1), (1, 0)])
+def test_max_size_and_lanes_must_be_positive(max_size: int, lanes: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        Batcher(Recorder().run, 0)
+        Batcher(Recorder().run, max_size, lanes)

@@ -255,11 +255,6 @@ async def test_random_kills_under_load(fleet: Fleet) -> None:
     )
 
 
-class RecordedTwice(AssertionError):
-    """The known gap: an invalid body redelivered after a crash gets a second dead letter."""
-
-
-@pytest.mark.xfail(raises=RecordedTwice, strict=True, reason="invalid dead letters: no dedup")
 async def test_kill_after_an_invalid_body_was_dead_lettered_before_its_ack(fleet: Fleet) -> None:
     """Hold the dead-letter insert on a table lock, freeze the worker, let the insert commit,
     kill: the body is recorded and its delivery unacked, so the broker redelivers it."""
@@ -309,5 +304,4 @@ async def test_kill_after_an_invalid_body_was_dead_lettered_before_its_ack(fleet
         "SELECT id FROM dead_letters WHERE reason = 'invalid' AND payload = :body",
         body=invalid.body,
     )
-    if len(rows) != 1:
-        raise RecordedTwice(f"one invalid body, {len(rows)} dead letters")
+    assert len(rows) == 1, f"one invalid body, {len(rows)} dead letters"
