@@ -30,7 +30,8 @@ PROVIDER_LATENCY = Histogram(
 )
 RETURNED = Counter(
     "notifications_returned_total",
-    "Messages handed back to the queue unfinished, by cause (database, broker, shutdown, unexpected)",
+    "Messages handed back to the queue unfinished, by cause "
+    "(database, broker, shutdown, unexpected)",
     ["cause"],
 )
 IN_FLIGHT = Gauge("notifications_in_flight", "Messages being processed by this replica")
