@@ -235,13 +235,14 @@ class Replica:
         log.info("stopping", in_flight=len(self._in_flight))
         self._consuming = False  # not ready from here on
         self._stopping = True
-        dispatcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await dispatcher
-        # A channel that is reconnecting has no consumer to cancel; if it comes back during
-        # the drain, _offer hands its deliveries straight back.
+        # First no more deliveries (a message handed back while the consumer is still on
+        # would come straight back), then no more slots handed out. A channel that is
+        # reconnecting has no consumer to cancel; if it comes back during the drain, _offer
+        # hands its deliveries straight back.
         with contextlib.suppress(*_CONNECTION_LOST, AMQPError):
             await ingress.cancel(ingress_tag)
+        scheduler.close()
+        await dispatcher
         for incoming in scheduler.take_waiting():
             await _return(incoming, "shutdown")
         await self._drain(settings.shutdown_grace_seconds)

@@ -23,6 +23,13 @@ _STATEMENT_CLASSES: dict[str, type[DBAPIError]] = {
     "23": IntegrityError,
     "42": ProgrammingError,
 }
+# The batched statements find every row by its key. On a table the planner has no statistics
+# for yet (new, or growing fast) it prefers hash joins over sequential scans, a scan of the
+# whole table per batch: measured here, PostgreSQL at 1.5 cores for 330 messages a second.
+# These connections run nothing else, so they plan key lookups only.
+_KEY_LOOKUPS_ONLY = (
+    "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off"
+)
 DEADLOCK = "40P01"  # also leaves the connection good: the statement is simply run again
 _DEADLOCK_ATTEMPTS = 3
 
@@ -60,10 +67,13 @@ class PinnedConnection:
                 attempt += 1
 
     async def _fetch(self, statement: str, args: tuple[object, ...]) -> list[Any]:
-        if self._driver is None:
-            self._connection = await self._engine.connect()
-            self._driver = (await self._connection.get_raw_connection()).driver_connection
+        if self._connection is None:
+            self._connection = await self._engine.connect()  # raises SQLAlchemy's errors
         try:
+            if self._driver is None:
+                driver: Any = (await self._connection.get_raw_connection()).driver_connection
+                await driver.execute(_KEY_LOOKUPS_ONLY)
+                self._driver = driver
             return list(await self._driver.fetch(statement, *args))
         except (
             asyncpg.PostgresError,
@@ -85,6 +95,5 @@ class PinnedConnection:
             await connection.close()
 
     async def close(self) -> None:
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
-            await connection.close()
+        """Discard the connection rather than give it back: it carries the settings above."""
+        await self._drop()

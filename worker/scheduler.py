@@ -38,6 +38,7 @@ class Scheduler:
         self._start = start
         self._fresh: deque[AbstractIncomingMessage] = deque()
         self._arrived = asyncio.Event()
+        self._closed = False
 
     async def offer(self, incoming: AbstractIncomingMessage) -> None:
         """The ingress consumer's callback: a fresh message waits here for a slot."""
@@ -48,24 +49,32 @@ class Scheduler:
         self._free.release()
 
     def take_waiting(self) -> list[AbstractIncomingMessage]:
-        """The fresh messages that never got a slot (to hand back at shutdown)."""
+        """The messages that never got a slot (to hand back at shutdown)."""
         waiting = list(self._fresh)
         self._fresh.clear()
         return waiting
 
+    def close(self) -> None:
+        """Hand out no more slots: :meth:`run` returns at its next step (not by cancelling it:
+        a ``basic.get`` cancelled half-way may lose its cancellation or its channel)."""
+        self._closed = True
+        self._arrived.set()
+        self._free.release()  # wakes a run() waiting for a slot
+
     async def run(self) -> None:
-        """Hand out slots until cancelled."""
+        """Hand out slots until closed."""
         while True:
             await self._free.acquire()
-            try:
-                incoming = await self._next()
-            except BaseException:
-                self._free.release()
-                raise
+            incoming = None if self._closed else await self._next()
+            if incoming is None:
+                return
+            if self._closed:  # fetched as it closed: back with the waiting ones
+                self._fresh.appendleft(incoming)
+                return
             self._start(incoming)
 
-    async def _next(self) -> AbstractIncomingMessage:
-        while True:
+    async def _next(self) -> AbstractIncomingMessage | None:
+        while not self._closed:
             if self._fresh:
                 return self._fresh.popleft()
             self._arrived.clear()
@@ -74,6 +83,7 @@ class Scheduler:
                 return retry
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), POLL_SECONDS)
+        return None
 
     async def _fetch_retry(self) -> AbstractIncomingMessage | None:
         try:

@@ -49,8 +49,8 @@ class Harness:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        self.scheduler.close()
+        await asyncio.wait_for(self.task, timeout=1)  # returns by itself, not cancelled
 
 
 async def test_fresh_messages_take_the_slots_before_any_retry() -> None:
@@ -96,3 +96,15 @@ async def test_waiting_fresh_messages_are_handed_back_at_shutdown() -> None:
     assert harness.started == ["fresh-1"]
     assert cast(list[Any], harness.scheduler.take_waiting()) == ["fresh-2"]
     assert harness.scheduler.take_waiting() == []
+
+
+async def test_close_returns_a_dispatcher_that_waits_for_a_slot_or_for_work() -> None:
+    busy = Harness(1)
+    await busy.offer("fresh-1", "fresh-2")
+    async with busy:  # its one slot is taken: run() waits for it when closed
+        await busy.settle()
+    idle = Harness(1)
+    async with idle:  # nothing to do: run() waits for work when closed
+        await idle.settle()
+    assert busy.started == ["fresh-1"]
+    assert idle.started == []
