@@ -30,6 +30,9 @@ _STATEMENT_CLASSES: dict[str, type[DBAPIError]] = {
 _KEY_LOOKUPS_ONLY = (
     "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off"
 )
+# Refusals asyncpg makes before a statement leaves: the connection is closed, or the server's
+# FATAL (pg_terminate_backend, a restart) was read while it was idle and its loss not yet.
+_NOT_SENT = (asyncpg.InterfaceError, asyncpg.InternalClientError)
 DEADLOCK = "40P01"  # also leaves the connection good: the statement is simply run again
 _DEADLOCK_ATTEMPTS = 3
 
@@ -67,6 +70,19 @@ class PinnedConnection:
                 attempt += 1
 
     async def _fetch(self, statement: str, args: tuple[object, ...]) -> list[Any]:
+        try:
+            return await self._fetch_once(statement, args)
+        except _NOT_SENT:
+            # The connection died while idle (the database restarted, or cut its sessions):
+            # asyncpg refused before sending anything. Once more, on a new connection.
+            await self._drop()
+        try:
+            return await self._fetch_once(statement, args)
+        except _NOT_SENT as exc:
+            await self._drop()
+            raise translate(exc, statement) from exc
+
+    async def _fetch_once(self, statement: str, args: tuple[object, ...]) -> list[Any]:
         if self._connection is None:
             self._connection = await self._engine.connect()  # raises SQLAlchemy's errors
         try:
@@ -75,15 +91,9 @@ class PinnedConnection:
                 await driver.execute(_KEY_LOOKUPS_ONLY)
                 self._driver = driver
             return list(await self._driver.fetch(statement, *args))
-        except (
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            # The server's FATAL (pg_terminate_backend, a restart) was read while the
-            # connection was idle, and its loss not yet noticed: the next call fails with this.
-            asyncpg.InternalClientError,
-            OSError,
-            TimeoutError,
-        ) as exc:
+        except _NOT_SENT:
+            raise
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             if not keeps_connection(exc):
                 await self._drop()
             raise translate(exc, statement) from exc
