@@ -93,7 +93,10 @@ class Settings(BaseSettings):
         description="Work queue; names the ingress, retry and delay queues and exchanges too",
     )
     concurrency: int = Field(
-        16, ge=1, le=1000, description="Messages in flight per replica; the work queue's prefetch"
+        16,
+        ge=1,
+        le=1000,
+        description="Messages in flight per replica (fresh ones prefetched: twice this)",
     )
     max_priority: int = Field(10, ge=1, le=255, description="x-max-priority of the work queue")
     max_attempts: int = Field(

@@ -33,7 +33,7 @@ def test_a_row_shows_the_type_default_bounds_and_description() -> None:
         "integer",
         "`16`",
         "≥ 1, ≤ 1000",
-        "Messages in flight per replica; the work queue's prefetch",
+        "Messages in flight per replica (fresh ones prefetched: twice this)",
     ]
     assert table["WORKER_DELAY_BACKEND"][:2] == ["one of `auto`, `plugin`, `ttl`", "`auto`"]
     assert table["WORKER_PROVIDER_URL"][:2] == ["http(s) URL", "none"]
