@@ -4,7 +4,7 @@
 #   worker run        (default)  one replica
 #   worker migrate               Alembic upgrade head (alembic.ini + migrations/ in /app)
 #   worker-admin ...             dead-letter admin
-#   python -m worker.demo_provider ...   the demo provider
+#   python -m worker.tooling.demo_provider ...   the demo provider
 # The image has no HEALTHCHECK: only `worker run` serves /readyz, so compose sets it per service.
 
 ARG PYTHON_VERSION=3.11

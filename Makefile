@@ -23,7 +23,7 @@ test: lint services
 	$(BIN)/pytest -q
 
 demo: $(BIN)/.installed services
-	$(BIN)/python -m worker.demo
+	$(BIN)/python -m worker.tooling.demo
 
 bench: $(BIN)/.installed services
 	$(BIN)/python -m bench

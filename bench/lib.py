@@ -27,8 +27,8 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from worker.demo_provider import DemoProvider
-from worker.fleet import (
+from worker.tooling.demo_provider import DemoProvider
+from worker.tooling.fleet import (
     ReplicaProcess,
     delete_broker_objects,
     migrate,
@@ -245,7 +245,7 @@ def write_json(name: str, data: object) -> Path:
 
 def fast_provider() -> DemoProvider:
     """The benchmarks' provider, in this process, without a log line per request."""
-    logging.getLogger("worker.demo_provider").setLevel(logging.WARNING)
+    logging.getLogger("worker.tooling.demo_provider").setLevel(logging.WARNING)
     return DemoProvider(latency_ms=PROVIDER_LATENCY_MS)
 
 

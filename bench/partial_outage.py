@@ -26,8 +26,8 @@ from bench.lib import (
     repeated,
     wait_until,
 )
-from worker.demo_provider import DemoProvider, Rule
-from worker.fleet import stop_replicas
+from worker.tooling.demo_provider import DemoProvider, Rule
+from worker.tooling.fleet import stop_replicas
 
 REPLICAS = 2
 BASELINE_SECONDS = 20

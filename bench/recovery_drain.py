@@ -24,8 +24,8 @@ from bench.lib import (
     repeated,
     wait_until,
 )
-from worker.demo_provider import DemoProvider, Rule
-from worker.fleet import stop_replicas
+from worker.tooling.demo_provider import DemoProvider, Rule
+from worker.tooling.fleet import stop_replicas
 
 REPLICAS = 2
 WORKER_ENV = fast_retries(max_seconds=8)

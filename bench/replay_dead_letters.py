@@ -32,8 +32,8 @@ import aio_pika
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from worker.demo_provider import DemoProvider, Rule
-from worker.fleet import (
+from worker.tooling.demo_provider import DemoProvider, Rule
+from worker.tooling.fleet import (
     delete_broker_objects,
     migrate,
     recreate_database,

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from bench.lib import Cost, fast_provider, fresh_world, medians, price_changes, publish, wait_until
-from worker.demo_provider import DemoProvider
-from worker.fleet import stop_replicas
+from worker.tooling.demo_provider import DemoProvider
+from worker.tooling.fleet import stop_replicas
 
 CONCURRENCY = 16
 

@@ -13,7 +13,7 @@ import uvloop
 from aiormq.exceptions import AMQPError
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.consumer import Replica
+from worker.replica import Replica
 from worker.logs import configure_logging
 from worker.persistence import SchemaMismatch
 from worker.settings import ConfigError, Settings, load_settings

@@ -32,7 +32,7 @@ from sqlalchemy.types import Boolean, DateTime, Integer, LargeBinary
 from worker.batching import Batcher
 from worker.decisions import ClaimState
 from worker.message import PriceChange
-from worker.pinned import PinnedConnection
+from worker.batch_connection import BatchConnection
 from worker.schema import SCHEMA_REVISION
 
 # Errors of a statement or of its data, not of the database's reachability.
@@ -357,8 +357,8 @@ class DeliveryStore:
         self._mark_sent_lanes = self._pin()
         self._record_failures_lanes = self._pin()
 
-    def _pin(self) -> list[PinnedConnection]:
-        return [PinnedConnection(self.engine) for _ in range(self.LANES)]
+    def _pin(self) -> list[BatchConnection]:
+        return [BatchConnection(self.engine) for _ in range(self.LANES)]
 
     async def close(self) -> None:
         """Give back the batchers' connections (before the engine is disposed)."""

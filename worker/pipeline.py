@@ -3,7 +3,7 @@
 parse and validate → expired? → claim the key and its topic in PostgreSQL → stale? → call the
 provider → classify the answer → record the outcome → ack, always last. A retry is published,
 publisher-confirmed, to the delay backend before the original is acked; a dead letter is
-committed before the ack. Any error of the broker or the database propagates to the consumer,
+committed before the ack. Any error of the broker or the database propagates to the replica,
 which returns the message unacked: it is then still on the queue, never lost.
 """
 

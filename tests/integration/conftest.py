@@ -24,9 +24,9 @@ from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from worker.cli import migrate
-from worker.consumer import Replica
+from worker.replica import Replica
 from worker.delay import LEVELS
-from worker.demo_provider import DemoProvider
+from worker.tooling.demo_provider import DemoProvider
 from worker.settings import Settings, load_settings
 from worker.topology import Names
 

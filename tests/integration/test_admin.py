@@ -27,7 +27,7 @@ from sqlalchemy import Row, text
 
 import worker.admin.replay as replay_module
 from worker.admin import run_admin
-from worker.demo_provider import Rule
+from worker.tooling.demo_provider import Rule
 from worker.envelope import ATTEMPT, FIRST_SEEN_AT, IGNORE_MAX_AGE, LAST_ERROR, REPLAYED_FROM
 
 from .conftest import AMQP_URL, Harness, price_change

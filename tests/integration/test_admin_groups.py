@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from worker.admin.fingerprint import failure_group, fingerprint
-from worker.demo_provider import Rule
+from worker.tooling.demo_provider import Rule
 from worker.schema import failure_group_sql
 
 from .conftest import Harness, price_change

@@ -71,7 +71,7 @@ async def test_mixed_delays_each_arrive_on_time(harness: Harness, backend: Delay
 
 
 async def test_worker_retries_through_the_backend(harness: Harness, backend: DelayBackend) -> None:
-    from worker.demo_provider import Rule
+    from worker.tooling.demo_provider import Rule
 
     harness.provider.set_rules([Rule(status=500, times=1)])
     await harness.start(delay_backend=backend.name, backoff_base_seconds=1, backoff="constant")

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.consumer import Replica
-from worker.demo_provider import Rule
+from worker.replica import Replica
+from worker.tooling.demo_provider import Rule
 
 from .conftest import Harness, price_change
 

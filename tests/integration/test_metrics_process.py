@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from worker.demo_provider import Rule
-from worker.fleet import ReplicaProcess, start_replicas
+from worker.tooling.demo_provider import Rule
+from worker.tooling.fleet import ReplicaProcess, start_replicas
 
 from .conftest import AMQP_URL, Harness, price_change
 from .test_health import Scrape, free_port, scrape

@@ -10,7 +10,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from worker.cli import find_alembic_ini
-from worker.consumer import Replica
+from worker.replica import Replica
 from worker.persistence import SchemaMismatch
 from worker.schema import SCHEMA_REVISION
 from worker.settings import load_settings

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from worker.demo_provider import Rule
+from worker.tooling.demo_provider import Rule
 from worker.message import parse_message
 
 from .conftest import Harness, price_change

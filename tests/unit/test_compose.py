@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
-from worker.demo_provider import Rule
+from worker.tooling.demo_provider import Rule
 from worker.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from worker.demo_provider import DemoProvider, RequestRecord, Rule, main
+from worker.tooling.demo_provider import DemoProvider, RequestRecord, Rule, main
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ from aio_pika.exceptions import AMQPError
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from worker.demo_provider import DemoProvider, RequestRecord
-from worker.fleet import ReplicaProcess, delete_broker_objects, free_port
+from worker.tooling.demo_provider import DemoProvider, RequestRecord
+from worker.tooling.fleet import ReplicaProcess, delete_broker_objects, free_port
 from worker.message import parse_message
 from worker.topology import Names
 

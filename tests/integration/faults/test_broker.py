@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.demo_provider import Rule
+from worker.tooling.demo_provider import Rule
 
 from .conftest import Fleet, batch, rabbitmqctl, wait_until
 

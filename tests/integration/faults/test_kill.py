@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from worker.demo_provider import RequestRecord, Rule
-from worker.fleet import ReplicaProcess
+from worker.tooling.demo_provider import RequestRecord, Rule
+from worker.tooling.fleet import ReplicaProcess
 
 from .conftest import Fleet, Published, batch, per_key, price_change, wait_until
 

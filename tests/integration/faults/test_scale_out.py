@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from worker.demo_provider import Rule
+from worker.tooling.demo_provider import Rule
 
 from .conftest import Fleet, batch
 

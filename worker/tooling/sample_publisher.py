@@ -1,6 +1,6 @@
 """A stand-in for market data: publishes sample price changes to the source exchange.
 
-``python -m worker.sample_publisher [--count N] [--interval S] [--seed K]`` publishes one
+``python -m worker.tooling.sample_publisher [--count N] [--interval S] [--seed K]`` publishes one
 message every ``--interval`` seconds (``--count 0``: until SIGTERM or SIGINT) as market data
 does (SPEC §1): UTF-8 JSON, persistent, publisher-confirmed, no priority, to
 ``WORKER_SOURCE_EXCHANGE`` on ``WORKER_AMQP_URL``. The audiences include ``b``, which the compose
@@ -29,7 +29,7 @@ TICKERS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "JPM")
 CHANNELS = ("email", "sms")
 AUDIENCES = ("a", "b", "premium")
 
-log = structlog.get_logger("worker.sample_publisher")
+log = structlog.get_logger("worker.tooling.sample_publisher")
 
 
 def price_change(rng: random.Random, now: datetime) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The end-to-end demo (``python -m worker.demo``): the worker at work on this machine's broker.
+"""The end-to-end demo (``python -m worker.tooling.demo``): the worker at work on this machine's broker.
 
 It owns the demo's own world and nothing else: the database ``notifications_demo`` (dropped and
 migrated anew), the queue ``demo.notifications.work`` with its delay machinery and the source
@@ -30,8 +30,8 @@ from sqlalchemy import Row, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from worker.demo_provider import DemoProvider, Rule
-from worker.fleet import (
+from worker.tooling.demo_provider import DemoProvider, Rule
+from worker.tooling.fleet import (
     ReplicaProcess,
     delete_broker_objects,
     migrate,
@@ -277,7 +277,7 @@ async def run_demo(count: int, seconds: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.demo",
+        prog="python -m worker.tooling.demo",
         description="Show the worker end to end on this machine's RabbitMQ and PostgreSQL.",
     )
     parser.add_argument("--count", type=int, default=40, help="about how many messages")

@@ -1,4 +1,4 @@
-"""A pool connection kept by one batcher, for its statements straight through asyncpg.
+"""The raw asyncpg path of the batched statements: one pool connection kept per batcher lane.
 
 A batcher has one statement in flight at a time, so it keeps one connection of the engine's
 pool for itself and runs its statement on the asyncpg connection underneath, without a pool
@@ -48,7 +48,7 @@ def keeps_connection(error: BaseException) -> bool:
     return sqlstate == DEADLOCK or sqlstate[:2] in _STATEMENT_CLASSES
 
 
-class PinnedConnection:
+class BatchConnection:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._connection: AsyncConnection | None = None

@@ -23,7 +23,8 @@ from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.delay import declare_delay_backend
-from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED, HealthServer
+from worker.health import HealthServer
+from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED
 from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
@@ -31,7 +32,7 @@ from worker.scheduler import Scheduler
 from worker.settings import Settings
 from worker.topology import declare_topology
 
-log = structlog.get_logger("worker.consumer")
+log = structlog.get_logger("worker.replica")
 
 # After a broker error the message goes back to the queue after this pause, so a failing
 # broker slows consumption down instead of spinning through redeliveries.

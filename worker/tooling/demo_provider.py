@@ -6,7 +6,7 @@ key (409 with the first id afterwards), fails on demand through switchable `Rule
 records every request in arrival order. Tests run it in-process (`DemoProvider`), where an
 `on_request` hook runs while each recorded request is still unanswered (the fault suite kills a
 worker mid-call with it); the demo and docker compose run it standalone
-(`python -m worker.demo_provider`), driven by a control API.
+(`python -m worker.tooling.demo_provider`), driven by a control API.
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ async def _serve(provider: DemoProvider) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.demo_provider", description="Run the demo notification provider."
+        prog="python -m worker.tooling.demo_provider", description="Run the demo notification provider."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
