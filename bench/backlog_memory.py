@@ -15,8 +15,8 @@ from typing import Any
 import aio_pika
 
 from bench.lib import Cost, fast_provider, fresh_world, price_changes, publish, wait_until
-from worker.tooling.fleet import stop_replicas
 from worker.settings import load_settings
+from worker.tooling.fleet import stop_replicas
 from worker.topology import declare_topology
 
 CHUNK = 20_000

@@ -27,6 +27,8 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from worker.message import parse_message
+from worker.settings import ENV_PREFIX, load_settings
 from worker.tooling.demo_provider import DemoProvider
 from worker.tooling.fleet import (
     ReplicaProcess,
@@ -35,8 +37,6 @@ from worker.tooling.fleet import (
     recreate_database,
     start_replicas,
 )
-from worker.message import parse_message
-from worker.settings import ENV_PREFIX, load_settings
 from worker.topology import Names
 
 RESULTS = Path(__file__).parent / "results"

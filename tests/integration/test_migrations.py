@@ -10,8 +10,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from worker.cli import find_alembic_ini
-from worker.replica import Replica
 from worker.persistence import SchemaMismatch
+from worker.replica import Replica
 from worker.schema import SCHEMA_REVISION
 from worker.settings import load_settings
 

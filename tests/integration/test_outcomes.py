@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from worker.tooling.demo_provider import Rule
 from worker.message import parse_message
+from worker.tooling.demo_provider import Rule
 
 from .conftest import Harness, price_change
 

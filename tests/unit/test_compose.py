@@ -25,8 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
-from worker.tooling.demo_provider import Rule
 from worker.settings import ENV_PREFIX, Settings, load_settings
+from worker.tooling.demo_provider import Rule
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
