@@ -13,9 +13,9 @@ import uvloop
 from aiormq.exceptions import AMQPError
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.replica import Replica
 from worker.logs import configure_logging
 from worker.persistence import SchemaMismatch
+from worker.replica import Replica
 from worker.settings import ConfigError, Settings, load_settings
 
 log = structlog.get_logger("worker.cli")

@@ -7,6 +7,7 @@ which brokers since 3.13 no longer let clients carry forward.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,8 +26,11 @@ LAST_ERROR = "x-last-error"
 # is to be sent even though it is older than WORKER_MAX_AGE_SECONDS.
 REPLAYED_FROM = "x-replayed-from"
 IGNORE_MAX_AGE = "x-ignore-max-age"
-# Headers the broker or the delay plugin add in transit; never carried forward.
-_BROKER_HEADERS = frozenset({"x-death", "x-delay"})
+# Set on the parked message released as its open partition's probe: the probe's token.
+PROBE = "x-probe"
+# Headers the broker or the delay plugin add in transit, and a probe's token (it is one
+# delivery's): never carried forward.
+_BROKER_HEADERS = frozenset({"x-death", "x-delay", PROBE})
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
@@ -49,6 +53,18 @@ def read_first_seen(headers: Mapping[str, Any], now: datetime) -> datetime:
             return now
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return now
+
+
+def read_probe(headers: Mapping[str, Any]) -> uuid.UUID | None:
+    value = headers.get(PROBE)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 def carried_headers(headers: Mapping[str, Any]) -> dict[str, Any]:

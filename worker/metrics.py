@@ -35,3 +35,33 @@ DELAY_BACKEND = Gauge(
 
 def status_class(status: int | None) -> str:
     return "error" if status is None else f"{status // 100}xx"
+
+
+PARTITION_STATE = Gauge(
+    "notifications_partition_state",
+    "Health of each provider partition that has failed: 0 closed, 1 half-open, 2 open",
+    ["partition"],
+)
+PARTITION_OPENED = Gauge(
+    "notifications_partition_opened_timestamp_seconds",
+    "When each open partition opened (Unix time; 0 when closed)",
+    ["partition"],
+)
+PARTITION_TRANSITIONS = Counter(
+    "notifications_partition_transitions_total",
+    "Partition state changes seen by this replica, by the new state",
+    ["state"],
+)
+PROBES = Counter(
+    "notifications_partition_probes_total",
+    "Probes of open partitions sent by this replica, by outcome",
+    ["outcome"],
+)
+PARKED = Gauge(
+    "notifications_parked_messages",
+    "Messages parked in PostgreSQL, by partition (counted every few seconds)",
+    ["partition"],
+)
+RELEASED = Counter(
+    "notifications_released_total", "Parked messages released back to the work queue"
+)

@@ -29,10 +29,10 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import Boolean, DateTime, Integer, LargeBinary
 
+from worker.batch_connection import BatchConnection
 from worker.batching import Batcher
 from worker.decisions import ClaimState
 from worker.message import PriceChange
-from worker.batch_connection import BatchConnection
 from worker.schema import SCHEMA_REVISION
 
 # Errors of a statement or of its data, not of the database's reachability.

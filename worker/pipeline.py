@@ -1,10 +1,12 @@
 """One message's way through the worker, from delivery to ack.
 
-parse and validate → expired? → claim the key and its topic in PostgreSQL → stale? → call the
-provider → classify the answer → record the outcome → ack, always last. A retry is published,
-publisher-confirmed, to the delay backend before the original is acked; a dead letter is
-committed before the ack. Any error of the broker or the database propagates to the replica,
-which returns the message unacked: it is then still on the queue, never lost.
+parse and validate → expired? → its partition healthy? (else park it) → claim the key and its
+topic in PostgreSQL → stale? → call the provider → classify the answer → tell the partition's
+breaker → record the outcome → ack, always last. A retry is published, publisher-confirmed, to
+the delay backend before the original is acked, unless its partition is failing as a whole:
+then it is parked until the partition heals or its backoff is over. A dead letter or a parked
+message is committed before the ack. Any error of the broker or the database propagates to the
+replica, which returns the message unacked: it is then still on the queue, never lost.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker.backoff import delay_seconds
+from worker.breaker import Admission, PartitionHealth, State
 from worker.decisions import (
     ClaimAction,
     Verdict,
@@ -28,9 +31,11 @@ from worker.decisions import (
     retry_delay,
 )
 from worker.delay import DelayBackend
-from worker.envelope import IGNORE_MAX_AGE, Delivery
+from worker.envelope import IGNORE_MAX_AGE, Delivery, read_probe
 from worker.message import InvalidMessage, PriceChange, parse_message
 from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES, RETRIES
+from worker.parking import Parked, ParkingLot
+from worker.partitions import PartitionBoard
 from worker.persistence import DeliveryStore
 from worker.provider import ProviderAnswer, ProviderClient
 from worker.settings import Settings
@@ -52,6 +57,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # the provider answered 409: accepted before
     RETRY = "retry"
     DEFERRED = "deferred"  # another message of the topic was in flight: come back later
+    PARKED = "parked"  # its partition is open: kept in PostgreSQL until it heals
     SUPERSEDED = "superseded"
     ALREADY_FINISHED = "already_finished"  # a redelivered or duplicated copy: nothing to do
     INVALID = "invalid"
@@ -70,12 +76,16 @@ class Pipeline:
         store: DeliveryStore,
         provider: ProviderClient,
         delay: DelayBackend,
+        board: PartitionBoard,
+        parking: ParkingLot,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
         self.delay = delay
+        self.board = board
+        self.parking = parking
         self._rng = rng or random.Random()
         self._max_age = timedelta(seconds=settings.max_age_seconds)
 
@@ -107,12 +117,21 @@ class Pipeline:
             log.warning("dead_lettered", outcome="invalid", error=str(exc), dead_letter=dead_id)
             return Outcome.INVALID
         bound = log.bind(idempotency_key=message.idempotency_key, attempt=delivery.attempt)
-        forced = bool((delivery.incoming.headers or {}).get(IGNORE_MAX_AGE))
+        headers = delivery.incoming.headers or {}
+        forced = bool(headers.get(IGNORE_MAX_AGE))
         if not forced and is_expired(message.occurred_at, delivery.received_at, self._max_age):
             return await self._dead(delivery, message, Outcome.EXPIRED, "older than max age", None)
 
+        partition = self.board.key_of(message)
+        admitted, probe = await self._admit(partition, read_probe(headers))
+        if not admitted:
+            await self._park(delivery, message, partition, delivery.attempt, None, 0.0)
+            bound.info("parked", outcome=Outcome.PARKED, partition=partition)
+            return Outcome.PARKED
         token = uuid.uuid4()
         action, wait_seconds = await self._claim(message, delivery, token)
+        if probe is not None and action is not ClaimAction.CLAIM:
+            await self.board.abandon_probe(partition, probe)
         if action is ClaimAction.FINISHED:
             bound.info("already_finished", outcome=Outcome.ALREADY_FINISHED)
             return Outcome.ALREADY_FINISHED
@@ -130,6 +149,13 @@ class Pipeline:
         answer = await self.provider.send(message)
         verdict = classify(answer.status, self.settings.retry_statuses)
         attempts = delivery.attempt + 1
+        health: PartitionHealth | None = None
+        if verdict is Verdict.RETRY:
+            health = await self.board.report_failure(
+                partition, answer.describe(), answer.retry_after, probe
+            )
+        else:
+            await self.board.report_success(partition, probe)
         if verdict in (Verdict.SENT, Verdict.DUPLICATE):
             assert answer.status is not None
             await self.store.mark_sent(message, token, attempts, answer.status, answer.message_id)
@@ -142,8 +168,52 @@ class Pipeline:
         elif attempts >= self.settings.max_attempts:
             reason = Outcome.EXHAUSTED
         else:
-            return await self._retry(delivery, message, answer, token, attempts)
+            assert health is not None
+            return await self._retry(delivery, message, answer, token, attempts, health)
         return await self._dead(delivery, message, reason, answer.describe(), answer, token)
+
+    async def _admit(
+        self, partition: str, probe: uuid.UUID | None
+    ) -> tuple[bool, uuid.UUID | None]:
+        """May the message be sent (else it is parked), and as which probe, if it is one."""
+        admission = self.board.admit(partition, probe)
+        if admission is Admission.PARK and probe is not None:
+            # released as the probe by another replica, whose take this view may not show yet
+            await self.board.reread(partition)
+            admission = self.board.admit(partition, probe)
+        if admission is Admission.SEND:
+            health = self.board.get(partition)
+            is_probe = probe is not None and health is not None and health.probe_token == probe
+            return True, probe if is_probe else None
+        if admission is Admission.PROBE:
+            probe = await self.board.take_probe(partition)
+            return probe is not None, probe
+        return False, None
+
+    async def _park(
+        self,
+        delivery: Delivery,
+        message: PriceChange,
+        partition: str,
+        attempt: int,
+        error: str | None,
+        wait_seconds: float,
+    ) -> None:
+        """Keep the message in PostgreSQL until its partition heals, or its wait is over."""
+        now = datetime.now(UTC)
+        forced = bool((delivery.incoming.headers or {}).get(IGNORE_MAX_AGE))
+        expires = (now if forced else message.occurred_at) + self._max_age
+        await self.parking.park(
+            Parked(
+                partition=partition,
+                idempotency_key=message.idempotency_key,
+                attempt=attempt,
+                message=delivery.republish(attempt, error, self.settings.max_priority),
+                occurred_at=message.occurred_at,
+                due_at=now + timedelta(seconds=wait_seconds),
+                expires_at=expires,
+            )
+        )
 
     async def _claim(
         self, message: PriceChange, delivery: Delivery, token: uuid.UUID
@@ -180,6 +250,7 @@ class Pipeline:
         answer: ProviderAnswer,
         token: uuid.UUID,
         attempts: int,
+        health: PartitionHealth,
     ) -> Outcome:
         settings = self.settings
         backoff = delay_seconds(
@@ -192,9 +263,13 @@ class Pipeline:
         wait = retry_delay(backoff, answer.retry_after)
         error = answer.describe()
         await self.store.record_failure(message, token, attempts, answer.status, error)
-        await self.delay.publish(
-            delivery.republish(attempts, error, self.settings.max_priority), wait
-        )
+        if _failing_as_a_whole(health):
+            # parked for its backoff, and released at once if the partition heals before
+            await self._park(delivery, message, health.key, attempts, error, wait)
+        else:
+            await self.delay.publish(
+                delivery.republish(attempts, error, self.settings.max_priority), wait
+            )
         RETRIES.labels(str(attempts)).inc()
         log.info(
             "retry_scheduled",
@@ -235,3 +310,8 @@ class Pipeline:
             dead_letter=dead_id,
         )
         return outcome
+
+
+def _failing_as_a_whole(health: PartitionHealth) -> bool:
+    """Not one message's failure: the partition is open, or has failed twice in a row."""
+    return health.state is not State.CLOSED or health.held or health.consecutive_failures >= 2

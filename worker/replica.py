@@ -22,9 +22,12 @@ from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidSt
 from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from worker.breaker import BreakerConfig
 from worker.delay import declare_delay_backend
 from worker.health import HealthServer
 from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED
+from worker.parking import ParkingLot
+from worker.partitions import PartitionBoard
 from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
@@ -116,6 +119,17 @@ class Replica:
             settings.database_url, pool_size=pool_size(settings.concurrency)
         )
         self._store = DeliveryStore(self._engine)
+        self._board = PartitionBoard(
+            self._engine,
+            settings.partition_fields,
+            BreakerConfig(
+                failures=settings.breaker_failures,
+                break_seconds=settings.breaker_break_seconds,
+                max_break_seconds=settings.breaker_max_break_seconds,
+            ),
+            settings.lease_seconds,
+        )
+        self._parking = ParkingLot(self._engine, self._board, settings.max_priority)
         self._gate = DatabaseGate(self._store.ping)
         self._connection: AbstractRobustConnection | None = None
         self._scheduler: Scheduler | None = None
@@ -132,6 +146,7 @@ class Replica:
             self._gate.cancel()
             await health.stop()
             await self._store.close()
+            await self._parking.close()
             await self._engine.dispose()
         log.info("stopped")
 
@@ -210,7 +225,13 @@ class Replica:
         delay = await declare_delay_backend(
             settings.amqp_url, channel, topology, settings.delay_backend
         )
-        pipeline = Pipeline(settings, self._store, provider, delay)
+        pipeline = Pipeline(settings, self._store, provider, delay, self._board, self._parking)
+        work_queue = topology.names.queue
+
+        async def release(message: aio_pika.Message) -> None:
+            await channel.default_exchange.publish(message, routing_key=work_queue, mandatory=True)
+
+        releaser = asyncio.create_task(self._parking.run(release, stop))
 
         # Fresh messages: consumed from the ingress queue, two rounds of slots ahead. Retries:
         # fetched from the work queue on a channel of their own, only for a spare slot.
@@ -247,6 +268,7 @@ class Replica:
         for incoming in scheduler.take_waiting():
             await _return(incoming, "shutdown")
         await self._drain(settings.shutdown_grace_seconds)
+        await releaser  # it ends its release in progress, published and committed
 
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:

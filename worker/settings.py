@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, HttpUrl, ValidationError, field_validator
+from pydantic import Field, HttpUrl, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.backoff import BackoffPolicy
@@ -134,6 +134,31 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz; 0 = off"
     )
+    partition_fields: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("channel", "audience"),
+        description="Message fields whose values form a provider partition, comma-separated "
+        "(of ticker, channel, audience): its health is tracked, and its messages parked "
+        "while it is open",
+    )
+    breaker_failures: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Transient failures in a row that open a partition (Envoy's and Finagle's 5)",
+    )
+    breaker_break_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=3600,
+        description="First break of an open partition before it is probed; doubles with each "
+        "trip in a row, jittered; also the fleet's probe spacing in a provider-wide outage",
+    )
+    breaker_max_break_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=86400,
+        description="Cap of a partition's break: how late, at most, a healed partition is noticed",
+    )
     log_format: LogFormat = Field(LogFormat.AUTO, description="json, console, or auto (tty)")
     log_level: str = Field(
         "info",
@@ -145,6 +170,26 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_statuses(cls, value: object) -> object:
         return parse_status_ranges(value) if isinstance(value, str) else value
+
+    @field_validator("partition_fields", mode="before")
+    @classmethod
+    def _parse_fields(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        fields = tuple(part.strip() for part in value.split(",") if part.strip())
+        allowed = ("ticker", "channel", "audience")
+        unknown = [name for name in fields if name not in allowed]
+        if not fields or unknown or len(set(fields)) != len(fields):
+            raise ValueError(f"must be distinct names among {', '.join(allowed)}")
+        return fields
+
+    @field_validator("breaker_max_break_seconds")
+    @classmethod
+    def _break_cap(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("breaker_break_seconds")
+        if base is not None and value < base:
+            raise ValueError(f"must not be below {ENV_PREFIX}BREAKER_BREAK_SECONDS ({base})")
+        return value
 
     @field_validator("amqp_url")
     @classmethod
