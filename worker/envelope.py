@@ -28,9 +28,13 @@ REPLAYED_FROM = "x-replayed-from"
 IGNORE_MAX_AGE = "x-ignore-max-age"
 # Set on the parked message released as its open partition's probe: the probe's token.
 PROBE = "x-probe"
+# A retry's backoff ends then (RFC 3339), when it spends only the first part of it in the delay
+# backend: back early, it is parked if its partition opened meanwhile, else delayed again.
+NOT_BEFORE = "x-not-before"
+SCHEDULED_AT = "x-scheduled-at"
 # Headers the broker or the delay plugin add in transit, and a probe's token (it is one
 # delivery's): never carried forward.
-_BROKER_HEADERS = frozenset({"x-death", "x-delay", PROBE})
+_BROKER_HEADERS = frozenset({"x-death", "x-delay", PROBE, NOT_BEFORE, SCHEDULED_AT})
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
@@ -65,6 +69,29 @@ def read_probe(headers: Mapping[str, Any]) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         return None
+
+
+def read_not_before(
+    headers: Mapping[str, Any], now: datetime, max_seconds: float
+) -> tuple[datetime, datetime] | None:
+    """(``x-scheduled-at``, ``x-not-before``): when a retry was scheduled and when its backoff
+    ends, if both are times and the backoff ends within ``max_seconds`` (the cap) from now."""
+    scheduled, due = _time(headers.get(SCHEDULED_AT)), _time(headers.get(NOT_BEFORE))
+    if scheduled is None or due is None or (due - now).total_seconds() > max_seconds:
+        return None
+    return scheduled, due
+
+
+def _time(value: object) -> datetime | None:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
 
 
 def carried_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,7 +129,11 @@ class Delivery:
         )
 
     def republish(
-        self, attempt: int, last_error: str | None, max_priority: int
+        self,
+        attempt: int,
+        last_error: str | None,
+        max_priority: int,
+        not_before: datetime | None = None,
     ) -> aio_pika.Message:
         """The same body and properties, our headers, the priority of ``attempt``."""
         incoming = self.incoming
@@ -111,6 +142,9 @@ class Delivery:
         headers[FIRST_SEEN_AT] = self.first_seen_at.isoformat()
         if last_error is not None:
             headers[LAST_ERROR] = last_error[:200]
+        if not_before is not None:
+            headers[NOT_BEFORE] = not_before.isoformat()
+            headers[SCHEDULED_AT] = datetime.now(UTC).isoformat()
         return aio_pika.Message(
             body=incoming.body,
             headers=headers,

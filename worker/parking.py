@@ -45,7 +45,7 @@ from worker.batch_connection import BatchConnection
 from worker.batching import Batcher
 from worker.breaker import Admission
 from worker.decisions import priority_for
-from worker.envelope import PROBE
+from worker.envelope import NOT_BEFORE, PROBE, SCHEDULED_AT
 from worker.metrics import PARKED, RELEASED
 from worker.partitions import REFRESH_SECONDS, PartitionBoard
 
@@ -205,8 +205,10 @@ class ParkingLot:
             if board.admit(key, None) is not Admission.PROBE:
                 continue
             token = await board.take_probe(key)
-            if token is not None:
-                await self._release(_TAKE_PROBE, {"key": key}, publish, token)
+            if token is not None and not await self._release(
+                _TAKE_PROBE, {"key": key}, publish, token
+            ):
+                await board.abandon_probe(key, token)  # its rows were taken meanwhile
         if released:
             RELEASED.inc(released)
             log.info("released", count=released, partitions=len(sendable))
@@ -226,6 +228,8 @@ class ParkingLot:
     def _message(self, row: Any, probe: uuid.UUID | None) -> aio_pika.Message:
         headers = decode_headers(row.headers)
         headers.pop(PROBE, None)
+        for name in (NOT_BEFORE, SCHEDULED_AT):  # released: due now, whatever its backoff
+            headers.pop(name, None)
         if probe is not None:
             headers[PROBE] = str(probe)
         return aio_pika.Message(

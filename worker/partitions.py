@@ -36,11 +36,13 @@ _STATE_VALUE = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
 _COLUMNS = (
     "partition_key, state, held, consecutive_failures, trips, opened_at, open_until, "
-    "probe_token, probe_until, probed_at, last_error"
+    "probe_token, probe_until, probed_at, healed_at, last_error"
 )
 _SELECT_UNHEALTHY = text(
     f"SELECT {_COLUMNS} FROM partition_health "
     "WHERE state <> 'closed' OR held OR consecutive_failures > 0"
+    # healed lately: a retry that was on its way meanwhile is sent at once
+    " OR healed_at > now() - interval '1 hour'"
 )
 _ENSURE = text("INSERT INTO partition_health (partition_key) VALUES (:key) ON CONFLICT DO NOTHING")
 _SELECT_ONE = f"SELECT {_COLUMNS}, now() AS now FROM partition_health WHERE partition_key = :key"
@@ -51,6 +53,7 @@ _WRITE = text(
     SET state = :state, held = :held, consecutive_failures = :consecutive_failures,
         trips = :trips, opened_at = :opened_at, open_until = :open_until,
         probe_token = :probe_token, probe_until = :probe_until, probed_at = :probed_at,
+        healed_at = :healed_at,
         last_error = :last_error,
         changed_at = now()
     WHERE partition_key = :key
@@ -80,6 +83,7 @@ def _health(row: Any) -> PartitionHealth:
         probe_token=row.probe_token,
         probe_until=row.probe_until,
         probed_at=row.probed_at,
+        healed_at=row.healed_at,
         last_error=row.last_error,
     )
 
@@ -115,6 +119,7 @@ async def transition(
             "probe_token": after.probe_token,
             "probe_until": after.probe_until,
             "probed_at": after.probed_at,
+            "healed_at": after.healed_at,
             "last_error": after.last_error,
         },
     )
@@ -273,14 +278,16 @@ class PartitionBoard:
         """Nothing to write for a partition the view holds healthy: the hot path stays free."""
         if probe_token is not None:
             PROBES.labels("succeeded").inc()
-        elif key not in self._states:
-            return
+        else:
+            health = self._states.get(key)
+            if health is None or health.healthy:
+                return
         await self.change(
-            key, lambda health, now: breaker.on_success(health, probe_token), "probe succeeded"
+            key, lambda health, now: breaker.on_success(health, now, probe_token), "probe succeeded"
         )
 
     async def hold(self, key: str) -> PartitionHealth:
         return await self.change(key, lambda health, now: breaker.hold(health, now), "operator")
 
     async def close(self, key: str) -> PartitionHealth:
-        return await self.change(key, lambda health, now: breaker.close(health), "operator")
+        return await self.change(key, lambda health, now: breaker.close(health, now), "operator")

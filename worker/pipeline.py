@@ -20,6 +20,7 @@ from enum import StrEnum
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from worker import breaker
 from worker.backoff import delay_seconds
 from worker.breaker import Admission, PartitionHealth, State
 from worker.decisions import (
@@ -31,7 +32,7 @@ from worker.decisions import (
     retry_delay,
 )
 from worker.delay import DelayBackend
-from worker.envelope import IGNORE_MAX_AGE, Delivery, read_probe
+from worker.envelope import IGNORE_MAX_AGE, Delivery, read_not_before, read_probe
 from worker.message import InvalidMessage, PriceChange, parse_message
 from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES, RETRIES
 from worker.parking import Parked, ParkingLot
@@ -48,6 +49,11 @@ log = structlog.get_logger("worker.pipeline")
 _LOCAL_WAIT_SECONDS = 1.0
 _MAX_DEFER_SECONDS = 5.0
 _CLAIM_ROUNDS = 20
+# A retry's first hop in the delay backend lasts at most this many maximal breaks: long enough
+# for its partition to open if it is failing as a whole, short enough to be released with it.
+_HOP_BREAKS = 5
+# A retry back from its hop less than this early is sent (the TTL cascade rounds to seconds).
+_EARLY_TOLERANCE_SECONDS = 1.0
 
 
 class Outcome(StrEnum):
@@ -124,10 +130,22 @@ class Pipeline:
 
         partition = self.board.key_of(message)
         admitted, probe = await self._admit(partition, read_probe(headers))
+        backoff = read_not_before(headers, delivery.received_at, self.settings.backoff_max_seconds)
+        early = 0.0 if backoff is None else (backoff[1] - delivery.received_at).total_seconds()
+        if backoff is not None and breaker.healed_since(self.board.get(partition), backoff[0]):
+            early = 0.0  # its partition opened and healed while it was on its way: send it
         if not admitted:
-            await self._park(delivery, message, partition, delivery.attempt, None, 0.0)
+            await self._park(delivery, message, partition, delivery.attempt, None, max(early, 0))
             bound.info("parked", outcome=Outcome.PARKED, partition=partition)
             return Outcome.PARKED
+        if probe is None and backoff is not None and early > _EARLY_TOLERANCE_SECONDS:
+            # back from its first hop, its partition not open: the rest of its backoff
+            await self.delay.publish(
+                delivery.republish(delivery.attempt, None, self.settings.max_priority, backoff[1]),
+                early,
+            )
+            bound.info("deferred", outcome=Outcome.DEFERRED, delay=round(early, 3))
+            return Outcome.DEFERRED
         token = uuid.uuid4()
         action, wait_seconds = await self._claim(message, delivery, token)
         if probe is not None and action is not ClaimAction.CLAIM:
@@ -177,7 +195,7 @@ class Pipeline:
     ) -> tuple[bool, uuid.UUID | None]:
         """May the message be sent (else it is parked), and as which probe, if it is one."""
         admission = self.board.admit(partition, probe)
-        if admission is Admission.PARK and probe is not None:
+        if admission is not Admission.SEND and probe is not None:
             # released as the probe by another replica, whose take this view may not show yet
             await self.board.reread(partition)
             admission = self.board.admit(partition, probe)
@@ -267,8 +285,12 @@ class Pipeline:
             # parked for its backoff, and released at once if the partition heals before
             await self._park(delivery, message, health.key, attempts, error, wait)
         else:
+            # A partition may open while its retries wait in the delay backend, and heal before
+            # they come back: a long backoff spends only a first hop there, then is checked.
+            hop = min(wait, settings.breaker_max_break_seconds * _HOP_BREAKS)
+            not_before = None if hop >= wait else datetime.now(UTC) + timedelta(seconds=wait)
             await self.delay.publish(
-                delivery.republish(attempts, error, self.settings.max_priority), wait
+                delivery.republish(attempts, error, settings.max_priority, not_before), hop
             )
         RETRIES.labels(str(attempts)).inc()
         log.info(

@@ -164,6 +164,7 @@ partition_health = Table(
     Column("probe_token", UUID(as_uuid=True)),
     Column("probe_until", DateTime(timezone=True)),
     Column("probed_at", DateTime(timezone=True)),
+    Column("healed_at", DateTime(timezone=True)),
     Column("last_error", Text),
     Column("changed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"state IN {PARTITION_STATES}", name="partition_health_state_check"),

@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("probe_token", postgresql.UUID(as_uuid=True)),
         sa.Column("probe_until", sa.DateTime(timezone=True)),
         sa.Column("probed_at", sa.DateTime(timezone=True)),
+        sa.Column("healed_at", sa.DateTime(timezone=True)),
         sa.Column("last_error", sa.Text()),
         sa.Column(
             "changed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()

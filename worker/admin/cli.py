@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tqdm import tqdm
 
+from worker.admin import partitions as partitions_module
 from worker.admin import queries, render
 from worker.admin.errors import AdminError, Failure, UsageError, describe, scrub
 from worker.admin.fingerprint import FINGERPRINT_LENGTH, FINGERPRINT_PATTERN
@@ -261,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_filters(stats)
     stats.add_argument("--json", action="store_true")
+
+    partitions = commands.add_parser(
+        "partitions",
+        help="the provider's health per partition; hold one open or close it",
+        description="List the partitions that have failed or hold parked messages; hold one "
+        "open (nothing sent or probed until closed) or close one now (its parked messages are "
+        "released at once).",
+    )
+    partitions.add_argument("--json", action="store_true")
+    steering = partitions.add_subparsers(dest="action", metavar="ACTION")
+    for action, what in (
+        ("hold", "hold it open until closed: nothing sent or probed, everything parks"),
+        ("close", "close it now: its parked messages are released at once"),
+    ):
+        steer = steering.add_parser(action, help=what)
+        steer.add_argument("key", metavar="KEY", help="the partition, e.g. email|premium")
     return parser
 
 
@@ -346,6 +363,16 @@ async def _stats(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> 
         render.to_json(render.stats_json(result)) if args.json else render.stats_text(result),
         file=out,
     )
+
+
+async def _partitions(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> None:
+    if args.action is not None:
+        after = await partitions_module.steer(engine, args.action, args.key)
+        print(f"{after.key}: {after.state.value}{' (held)' if after.held else ''}", file=out)
+        return
+    rows = await partitions_module.list_partitions(engine)
+    shown = partitions_module.partitions_json if args.json else partitions_module.partitions_table
+    print(shown(rows), file=out)
 
 
 async def _purge(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> None:
@@ -448,7 +475,13 @@ async def run_admin(
             if args.command == "replay":
                 await _replay(engine, settings, args, out, err)
             else:
-                command = {"list": _list, "show": _show, "stats": _stats, "purge": _purge}
+                command = {
+                    "list": _list,
+                    "show": _show,
+                    "stats": _stats,
+                    "purge": _purge,
+                    "partitions": _partitions,
+                }
                 await command[args.command](engine, args, out)
         except BrokenPipeError:
             raise  # the reader of our output went away (`| head`): not a database error
