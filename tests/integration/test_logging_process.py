@@ -15,13 +15,13 @@ from worker.tooling.fleet import free_port, worker_command
 FIELDS = {"event", "level", "logger", "timestamp"}
 
 
-def _env(**settings: str) -> dict[str, str]:
+def worker_env(**settings: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WORKER_")}
     env.update({f"WORKER_{name.upper()}": value for name, value in settings.items()})
     return env
 
 
-def _json_lines(stream: str, text: str) -> list[dict[str, Any]]:
+def json_lines(stream: str, text: str) -> list[dict[str, Any]]:
     events = []
     for line in text.splitlines():
         try:
@@ -64,14 +64,14 @@ async def _run_until(env: dict[str, str], wanted: set[str], seen: int = 2) -> tu
 
 
 async def test_a_replica_without_broker_and_database_prints_only_json_lines() -> None:
-    env = _env(
+    env = worker_env(
         amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
         database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none",
         provider_url=f"http://127.0.0.1:{free_port()}",
         metrics_port=str(free_port()),
     )
     out, err = await _run_until(env, {"worker.replica"})
-    events = _json_lines("stdout", out) + _json_lines("stderr", err)
+    events = json_lines("stdout", out) + json_lines("stderr", err)
     assert err == "", "one stream: stdout"
     assert [e["event"] for e in events].count("database_unreachable") >= 2
     assert events[-1]["event"] == "stopped"
@@ -79,14 +79,14 @@ async def test_a_replica_without_broker_and_database_prints_only_json_lines() ->
 
 async def test_the_broker_library_s_records_are_json_lines_too(database_url: str) -> None:
     """With the database up, the replica tries the broker: aiormq logs each failed attempt."""
-    env = _env(
+    env = worker_env(
         amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
         database_url=database_url,
         provider_url=f"http://127.0.0.1:{free_port()}",
         metrics_port=str(free_port()),
     )
     out, err = await _run_until(env, {"worker.replica", "aiormq.connection"})
-    events = _json_lines("stdout", out) + _json_lines("stderr", err)
+    events = json_lines("stdout", out) + json_lines("stderr", err)
     assert err == ""
     library = [e for e in events if e["logger"] == "aiormq.connection"]
     assert library
@@ -97,14 +97,14 @@ async def test_the_broker_library_s_records_are_json_lines_too(database_url: str
 async def test_migrate_logs_alembic_through_the_same_pipeline(empty_database_url: str) -> None:
     process = await asyncio.create_subprocess_exec(
         *worker_command("migrate"),
-        env=_env(database_url=empty_database_url, log_format="json"),
+        env=worker_env(database_url=empty_database_url, log_format="json"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
     assert process.returncode == 0, err
     assert err == b""
-    events = _json_lines("stdout", out.decode())
+    events = json_lines("stdout", out.decode())
     upgrades = [e for e in events if e["event"].startswith("Running upgrade")]
     assert upgrades
     assert {e["logger"] for e in upgrades} == {"alembic.runtime.migration"}
@@ -115,13 +115,13 @@ async def test_migrate_logs_alembic_through_the_same_pipeline(empty_database_url
 async def test_a_bad_setting_is_one_json_line_when_not_on_a_terminal() -> None:
     process = await asyncio.create_subprocess_exec(
         *worker_command("run"),
-        env=_env(concurrency="many"),
+        env=worker_env(concurrency="many"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
     assert process.returncode == 2
     assert err == b""
-    (event,) = _json_lines("stdout", out.decode())
+    (event,) = json_lines("stdout", out.decode())
     assert event["event"] == "configuration_error"
     assert event["error"].startswith("configuration error: WORKER_CONCURRENCY")
