@@ -5,7 +5,8 @@
 #   worker migrate               Alembic upgrade head (alembic.ini + migrations/ in /app)
 #   worker-admin ...             dead-letter admin
 #   python -m worker.tooling.demo_provider ...   the demo provider
-# The image has no HEALTHCHECK: only `worker run` serves /readyz, so compose sets it per service.
+# The image has no HEALTHCHECK: only `worker run` serves /readyz, so compose sets one per
+# service (`worker check`: exit 0 when /readyz on WORKER_METRICS_PORT answers 200).
 
 ARG PYTHON_VERSION=3.11
 
