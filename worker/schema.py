@@ -193,3 +193,7 @@ parked_messages = Table(
     Index("parked_messages_partition_idx", "partition_key", "due_at"),
     Index("parked_messages_expires_at_idx", "expires_at"),
 )
+
+# The PostgreSQL advisory lock `worker migrate` holds while it migrates (migrations/env.py):
+# pods starting together, each migrating in its init container, take turns.
+MIGRATION_LOCK = 0x6E775F6D

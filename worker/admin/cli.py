@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tqdm import tqdm
 
+from worker import __version__
 from worker.admin import partitions as partitions_module
 from worker.admin import queries, render
 from worker.admin.errors import AdminError, Failure, UsageError, describe, scrub
@@ -58,6 +59,18 @@ message wants, so live alerts overtake a replay waiting in the queue. --rate N p
 replay to N messages a second (batches of at most N). Ctrl-C or SIGTERM finishes the batch in
 progress and stops: each row is either replayed or untouched; run the same command again for
 the rest. A second one aborts the batch in progress too.
+"""
+
+ADMIN_EPILOG = """\
+configuration (environment variables, as for `worker`; docs/configuration.md):
+  WORKER_DATABASE_URL    PostgreSQL, postgresql+asyncpg://user:password@host:5432/db
+  WORKER_AMQP_URL        the broker (replay only)
+  WORKER_QUEUE           the work queue replay publishes to
+  WORKER_MAX_PRIORITY    replay's default priority is this minus 1
+
+exit status: 0 done, 1 failure (database or broker unreachable, unknown id, refused publish,
+interrupted), 2 bad usage or configuration; errors are one line on stderr.
+Guide: docs/admin.md.
 """
 
 
@@ -198,7 +211,14 @@ def _add_filters(parser: argparse.ArgumentParser, replay: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The dead-letter admin (SPEC §6), backed by SQL.")
+    parser = _Parser(
+        prog=PROG,
+        description="The dead-letter admin: list, show, replay onto the work queue, purge\n"
+        "and count the rows of the dead_letters table in PostgreSQL.",
+        epilog=ADMIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     listing = commands.add_parser("list", help="dead letters, newest first")
