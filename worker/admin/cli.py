@@ -81,6 +81,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _wide_help(prog: str) -> argparse.HelpFormatter:
+    """Room for the longest command name, so each command's help stays on its line."""
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """RFC 3339 (``2026-05-01T12:00:00Z``, or a date, meaning midnight UTC) or a span ago
     (``30m``, ``2h``, ``7d``, ``1w``, ``90s``)."""
@@ -214,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="The dead-letter admin: list, show, replay onto the work queue, purge\n"
-        "and count the rows of the dead_letters table in PostgreSQL.",
+        "and count the rows of the dead_letters table in PostgreSQL; and the provider's\n"
+        "health per partition.",
         epilog=ADMIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_wide_help,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
