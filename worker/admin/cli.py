@@ -81,9 +81,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _wide_help(prog: str) -> argparse.HelpFormatter:
-    """Room for the longest command name, so each command's help stays on its line."""
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+class _WideHelp(argparse.RawDescriptionHelpFormatter):
+    """argparse measures the commands one indent short of where it prints them: add it, so
+    that each command's help stays on its line."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += self._indent_increment
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
@@ -222,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and count the rows of the dead_letters table in PostgreSQL; and the provider's\n"
         "health per partition.",
         epilog=ADMIN_EPILOG,
-        formatter_class=_wide_help,
+        formatter_class=_WideHelp,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
