@@ -6,16 +6,18 @@ finds their partition healed, whatever their backoff; an operator can hold one o
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from worker.admin import run_admin
 from worker.tooling.demo_provider import Rule
 
-from .conftest import Fleet, Published, price_change, wait_until
+from .conftest import Fleet, Published, price_change, rabbitmqctl, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -118,13 +120,10 @@ async def test_broken_partitions_are_parked_and_released_on_recovery(fleet: Flee
     )
 
 
-async def test_an_operator_holds_a_partition_open_and_closes_it(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_operator_holds_a_partition_open_and_closes_it(fleet: Fleet) -> None:
     fleet.env.update(ENV)
     await fleet.start(1)
-    monkeypatch.setenv("WORKER_DATABASE_URL", fleet.database_url)
-    assert await run_admin(["partitions", "hold", "email|b"]) == 0
+    assert await run_admin_env(fleet, "partitions", "hold", "email|b") == 0
     await asyncio.sleep(1)  # the replica sees it at its next refresh (every 0.5 s)
     await fleet.publish(wave("H", 3))
 
@@ -140,10 +139,103 @@ async def test_an_operator_holds_a_partition_open_and_closes_it(
     assert rows[0].n == 3
 
     closed_at = time.monotonic()
-    assert await run_admin(["partitions", "close", "email|b"]) == 0
+    assert await run_admin_env(fleet, "partitions", "close", "email|b") == 0
     await fleet.wait_finished(timeout=10)
     accepted = [r.at for r in fleet.provider.requests if partition_of(r) == ("email", "b")]
     assert len(accepted) == 3
     assert max(accepted) - closed_at <= 2.0
     figures = await fleet.verify()
     assert figures.statuses == Counter(sent=24)
+
+
+async def open_partition(fleet: Fleet, channel: str, audience: str, count: int) -> None:
+    """Break (channel, audience), publish ``count`` of its messages, wait until all are parked
+    or retried and the partition is open."""
+    fleet.provider.set_rules([Rule(channel=channel, audience=audience, status=500)])
+    await fleet.publish(
+        price_change(f"P{audience}{n}".upper(), channel=channel, audience=audience)
+        for n in range(count)
+    )
+
+    async def parked() -> bool:
+        rows = await fleet.rows(
+            "SELECT (SELECT count(*) FROM parked_messages) AS parked,"
+            " (SELECT state FROM partition_health WHERE partition_key = :key) AS state",
+            key=f"{channel}|{audience}",
+        )
+        return bool(rows[0].parked >= count - 2 * CONCURRENCY and rows[0].state == "open")
+
+    await wait_until(parked, 30, "the partition open and its messages parked")
+
+
+async def test_a_probing_replica_killed_does_not_keep_the_partition_open(fleet: Fleet) -> None:
+    fleet.env.update(ENV)
+    await fleet.start(1)
+    await open_partition(fleet, "email", "b", 30)
+    victim = fleet.replicas[0]
+    killed = asyncio.Event()
+
+    async def kill_the_prober(record: Any) -> None:
+        if partition_of(record) == ("email", "b") and not killed.is_set():
+            victim.send_signal(signal.SIGKILL)
+            killed.set()
+
+    fleet.provider.set_rules([])  # healed, but the probe's replica dies inside the probe
+    fleet.provider.on_request = kill_the_prober
+    await asyncio.wait_for(killed.wait(), 10)
+    killed_at = time.monotonic()
+    fleet.provider.on_request = None
+    await fleet.start(1)  # another replica; the dead one's probe lease runs out
+    await fleet.wait_finished(timeout=60)
+    figures = await fleet.verify(allowed_duplicates=1)  # the probe the victim sent
+    recovered = max(r.at for r in fleet.provider.requests) - killed_at
+    # lease: 2 × provider timeout + 5 s, then one break and a release
+    assert recovered <= 2 * 1 + 5 + 1 + 3
+    fleet.report(figures, all_sent_after_kill_s=round(recovered, 1))
+
+
+async def test_broker_restart_while_messages_are_parked(fleet: Fleet) -> None:
+    fleet.env.update(ENV)
+    async with fleet.lock.exclusive():
+        try:
+            await fleet.start(2)
+            await open_partition(fleet, "sms", "c", 40)
+            await rabbitmqctl("stop_app")
+            await asyncio.sleep(2)
+        finally:
+            await rabbitmqctl("start_app")
+            await rabbitmqctl("await_startup")
+    await fleet.forget_connection()
+    fleet.provider.set_rules([])
+    healed = time.monotonic()
+    await fleet.wait_finished(timeout=60)
+    for replica in fleet.replicas:
+        replica.check_alive()
+    figures = await fleet.verify(allowed_duplicates=2 * CONCURRENCY)
+    assert figures.statuses == Counter(sent=40)
+    last = max(r.at for r in fleet.provider.requests) - healed
+    fleet.report(figures, last_sent_after_heal_s=round(last, 1))
+
+
+async def test_a_parked_message_past_max_age_ends_expired(fleet: Fleet) -> None:
+    fleet.env.update(ENV | {"WORKER_MAX_AGE_SECONDS": "8"})
+    await fleet.start(1)
+    assert await run_admin_env(fleet, "partitions", "hold", "email|b") == 0
+    await asyncio.sleep(1)
+    await fleet.publish([price_change("OLD", channel="email", audience="b")])  # 5 s old
+    await fleet.wait_finished(timeout=20)
+    (dead,) = await fleet.rows("SELECT reason, dead_at FROM dead_letters")
+    assert dead.reason == "expired"
+    assert not fleet.provider.requests
+    assert not await fleet.rows("SELECT 1 FROM parked_messages")
+
+
+async def run_admin_env(fleet: Fleet, *argv: str) -> int:
+    """``worker-admin`` as its own process, on the fleet's database."""
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("worker-admin")),
+        *argv,
+        env=fleet.env,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    return await process.wait()
