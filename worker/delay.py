@@ -15,6 +15,7 @@ with its priority and headers intact:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -44,6 +45,14 @@ def delay_routing_key(seconds: int, destination: str) -> str:
     """``5`` → ``0.0.…0.1.0.1.<destination>``: 28 binary words, most significant first."""
     bits = format(seconds, f"0{LEVELS}b")
     return ".".join((*bits, destination))
+
+
+def _whole(delay_seconds: float, per_second: int, most: int) -> int:
+    """The delay in whole units, rounded up (never early), within 0 … ``most``."""
+    units = delay_seconds * per_second
+    if not math.isfinite(units) or units >= most:
+        return most if units > 0 else 0
+    return max(math.ceil(units), 0)
 
 
 def _pattern(level: int, bit: str) -> str:
@@ -95,7 +104,8 @@ class TtlCascade:
         return cls(entry, names.queue)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
-        seconds = min(max(round(delay_seconds), 0), MAX_DELAY_SECONDS)
+        # rounded up: a Retry-After of 2.4 s is never retried after 2 s
+        seconds = _whole(delay_seconds, 1, MAX_DELAY_SECONDS)
         # mandatory: a cascade that is missing must raise, not swallow the retry
         await self.entry.publish(
             message, routing_key=delay_routing_key(seconds, self.destination), mandatory=True
@@ -121,7 +131,7 @@ class PluginDelay:
         return cls(exchange, names.queue)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
-        message.headers["x-delay"] = min(max(round(delay_seconds * 1000), 0), MAX_PLUGIN_DELAY_MS)
+        message.headers["x-delay"] = _whole(delay_seconds, 1000, MAX_PLUGIN_DELAY_MS)
         # Not mandatory: the plugin answers every delayed publish with a no-route return
         # although it delivers the message later.
         await self.exchange.publish(message, routing_key=self.destination, mandatory=False)

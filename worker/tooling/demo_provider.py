@@ -295,7 +295,8 @@ async def _serve(provider: DemoProvider) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.tooling.demo_provider", description="Run the demo notification provider."
+        prog="python -m worker.tooling.demo_provider",
+        description="Run the demo notification provider.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
