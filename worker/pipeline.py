@@ -270,9 +270,12 @@ class Pipeline:
         token: uuid.UUID | None = None,
     ) -> Outcome:
         attempts = delivery.attempt + (answer is not None)
+        raw = delivery.raw()
+        if answer is not None and answer.sanitised:
+            raw = dataclasses.replace(raw, sanitised=(*raw.sanitised, "last_error"))
         dead_id = await self.store.dead_letter(
             reason.value,
-            delivery.raw(),
+            raw,
             message,
             error,
             attempts=attempts,

@@ -17,7 +17,7 @@ import aiohttp
 from worker.errors import describe_error
 from worker.message import PriceChange
 from worker.metrics import PROVIDER_LATENCY, status_class
-from worker.storable import MAX_ID_CHARS, clean_text, decode_text
+from worker.storable import MAX_ID_CHARS, clean_text, decode_text, storable_text
 
 # An answer's body is read up to this size: a 10 MB error page costs 64 KiB, not 10 MB.
 MAX_ANSWER_BYTES = 65536
@@ -30,6 +30,7 @@ class ProviderAnswer:
     message_id: str | None = None
     retry_after: float | None = None
     error: str | None = None
+    sanitised: bool = False  # the error text or the id was made storable (NUL, binary, size)
 
     def describe(self) -> str:
         """Short text for ``x-last-error`` and ``last_error``."""
@@ -99,24 +100,28 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER
     return b"".join(chunks)
 
 
-def answer_id(body: bytes) -> str | None:
-    """The ``id`` of a 2xx answer's JSON body, as storable text (a NUL id is not lost)."""
+def answer_id(body: bytes) -> tuple[str | None, bool]:
+    """The ``id`` of a 2xx answer's JSON body as storable text (a NUL id is not lost), and
+    whether it had to be changed for that."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        return None
+        return None, False
     value = data.get("id") if isinstance(data, dict) else None
     if value is None:
-        return None
+        return None, False
     text = value if isinstance(value, str) else json.dumps(value)[:MAX_ID_CHARS]
-    return clean_text(text, MAX_ID_CHARS)
+    cleaned, changed = storable_text(text, MAX_ID_CHARS)
+    return cleaned, changed
 
 
-def error_text(body: bytes) -> str:
-    """An error answer's body as one short line of storable text (a binary page included)."""
-    text, _ = decode_text(body[: ERROR_CHARS * 4], ERROR_CHARS * 4)
-    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return clean_text(line, ERROR_CHARS)
+def error_text(body: bytes) -> tuple[str, bool]:
+    """An error answer's body as one short line of storable text (a binary page included),
+    and whether anything but whitespace had to be changed or cut for that."""
+    text, changed = decode_text(body[: ERROR_CHARS * 4], ERROR_CHARS * 4)
+    printable = "".join(c if c.isprintable() or c.isspace() else " " for c in text)
+    line, cut = storable_text(" ".join(printable.split()), ERROR_CHARS)
+    return line, changed or cut or printable != text
 
 
 async def _read_answer(response: aiohttp.ClientResponse) -> ProviderAnswer:
@@ -129,9 +134,12 @@ async def _read_answer(response: aiohttp.ClientResponse) -> ProviderAnswer:
             return ProviderAnswer(status=status)
         return ProviderAnswer(status=status, error=clean_text(describe_error(exc), ERROR_CHARS))
     if 200 <= status < 300 or status == 409:
-        return ProviderAnswer(status=status, message_id=answer_id(body))
+        message_id, changed = answer_id(body)
+        return ProviderAnswer(status=status, message_id=message_id, sanitised=changed)
+    error, changed = error_text(body)
     return ProviderAnswer(
         status=status,
         retry_after=parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC)),
-        error=error_text(body) or clean_text(response.reason or "", ERROR_CHARS) or None,
+        error=error or clean_text(response.reason or "", ERROR_CHARS) or None,
+        sanitised=changed,
     )
