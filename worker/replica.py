@@ -49,8 +49,10 @@ _PROBE_SECONDS = 1.0
 # The channel the message came on is gone: it cannot be acked or returned, and the broker
 # has already put it back on the queue. (AMQPConnectionError is an OSError: test it first.)
 _CONNECTION_LOST = (ChannelInvalidStateError, AMQPConnectionError)
-# Steps of a shutdown that a broker outage could otherwise hold up until the reconnect.
+# Steps of a shutdown that a broker outage could otherwise hold up until the reconnect: each
+# waits at most this long, and all of them together no longer than the grace.
 _SHUTDOWN_STEP_SECONDS = 5.0
+_CLOSE_SECONDS = 2.0
 
 # The hot path's statements are batched (one connection per batcher); the others (failures,
 # dead letters, supersessions) take one connection each, and beyond this many wait their turn.
@@ -187,7 +189,7 @@ class Replica:
             await self._serve(connection, provider, stop)
         finally:
             self._consuming = False
-            await within(connection.close(), _SHUTDOWN_STEP_SECONDS)
+            await within(connection.close(), _CLOSE_SECONDS)
             await provider.close()
 
     async def _wait_for_schema(self, stop: asyncio.Event) -> None:
@@ -243,19 +245,25 @@ class Replica:
         # First no more deliveries (a message handed back while the consumer is still on
         # would come straight back), then no more slots handed out. A channel that is
         # reconnecting has no consumer to cancel; if it comes back during the drain, _offer
-        # hands its deliveries straight back. Neither step waits for a reconnect: a broker
-        # outage must not keep SIGTERM from ending the process within the grace.
+        # hands its deliveries straight back. No step waits for a reconnect: a broker outage
+        # must not keep SIGTERM from ending the process within the grace, which all share.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.shutdown_grace_seconds
+
+        def step() -> float:
+            return max(min(deadline - loop.time(), _SHUTDOWN_STEP_SECONDS), 0.1)
+
         with contextlib.suppress(*_CONNECTION_LOST, AMQPError):
-            await within(ingress.cancel(ingress_tag), _SHUTDOWN_STEP_SECONDS)
+            await within(ingress.cancel(ingress_tag), step())
         scheduler.close()
-        if not await within(asyncio.shield(dispatcher), _SHUTDOWN_STEP_SECONDS):
+        if not await within(asyncio.shield(dispatcher), step()):
             # a basic.get waiting for the broker: its message, if any, the broker requeues
             dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatcher
         for incoming in scheduler.take_waiting():
-            await _return(incoming, "shutdown")
-        await self._drain(settings.shutdown_grace_seconds)
+            await within(_return(incoming, "shutdown"), step())
+        await self._drain(max(deadline - loop.time(), 0.0))
 
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:
