@@ -33,7 +33,7 @@ from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
 from worker.scheduler import Scheduler
 from worker.settings import Settings
-from worker.stopping import pause_unless_stopped, within
+from worker.stopping import until_stopped, within
 from worker.topology import declare_topology
 
 log = structlog.get_logger("worker.replica")
@@ -157,22 +157,24 @@ class Replica:
         Refused credentials are not waited for: they will not fix themselves.
         """
         settings = self.settings
-        while not stop.is_set():
-            try:
-                return await aio_pika.connect_robust(
-                    settings.amqp_url,
-                    reconnect_interval=_RECONNECT_SECONDS,
-                    # names the replica in the management UI and `rabbitmqctl list_connections`
-                    client_properties={
-                        "connection_name": f"worker {settings.queue} pid {os.getpid()}"
-                    },
-                )
-            except ProbableAuthenticationError:
-                raise
-            except (AMQPConnectionError, OSError) as exc:
-                log.warning("broker_unreachable", error=describe_error(exc))
-            await pause_unless_stopped(stop, _RECONNECT_SECONDS)
-        return None
+
+        def unreachable(exc: Exception) -> bool:
+            auth = isinstance(exc, ProbableAuthenticationError)
+            return isinstance(exc, (AMQPConnectionError, OSError)) and not auth
+
+        return await until_stopped(
+            stop,
+            partial(
+                aio_pika.connect_robust,
+                settings.amqp_url,
+                reconnect_interval=_RECONNECT_SECONDS,
+                # names the replica in the management UI and `rabbitmqctl list_connections`
+                client_properties={"connection_name": f"worker {settings.queue} pid {os.getpid()}"},
+            ),
+            waits_for=unreachable,
+            on_failure=lambda exc: log.warning("broker_unreachable", error=describe_error(exc)),
+            pause=_RECONNECT_SECONDS,
+        )
 
     async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -194,15 +196,13 @@ class Replica:
 
     async def _wait_for_schema(self, stop: asyncio.Event) -> None:
         """Check the schema revision; while the database is unreachable, wait for it."""
-        while not stop.is_set():
-            try:
-                await self._store.check_schema()
-                return
-            except Exception as exc:
-                if not db_errors.is_database_error(exc):
-                    raise
-                log.warning("database_unreachable", error=describe_error(exc))
-            await pause_unless_stopped(stop, _RECONNECT_SECONDS)
+        await until_stopped(
+            stop,
+            self._store.check_schema,
+            waits_for=db_errors.is_database_error,
+            on_failure=lambda exc: log.warning("database_unreachable", error=describe_error(exc)),
+            pause=_RECONNECT_SECONDS,
+        )
 
     async def _serve(
         self,
