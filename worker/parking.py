@@ -46,8 +46,10 @@ from worker.batching import Batcher
 from worker.breaker import Admission
 from worker.decisions import priority_for
 from worker.envelope import NOT_BEFORE, PROBE, SCHEDULED_AT
+from worker.errors import describe_error
 from worker.metrics import PARKED, RELEASED
 from worker.partitions import REFRESH_SECONDS, PartitionBoard
+from worker.storable import clean_text
 
 log = structlog.get_logger("worker.parking")
 
@@ -161,7 +163,10 @@ class ParkingLot:
             [r.attempt for r in rows],
             [r.message.body for r in rows],
             [encode_headers(dict(r.message.headers)) for r in rows],
-            [r.message.content_type for r in rows],
+            [
+                None if r.message.content_type is None else clean_text(r.message.content_type)
+                for r in rows
+            ],
             [r.occurred_at for r in rows],
             [r.due_at for r in rows],
             [r.expires_at for r in rows],
@@ -176,7 +181,7 @@ class ParkingLot:
                 await self.tick(publish, count=tick % _COUNT_EVERY_TICKS == 0)
             except (SQLAlchemyError, OSError, aio_pika.exceptions.AMQPError) as exc:
                 # the replica's gate and reconnects deal with outages; try again next tick
-                log.warning("release_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                log.warning("release_failed", error=describe_error(exc))
             tick += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
@@ -142,10 +142,15 @@ dead_letters = Table(
     Column("replay_count", Integer, nullable=False, server_default=text("0")),
     # computed once when the row is written; `worker-admin stats` groups by it
     Column("failure_group", Text, Computed(failure_group_sql("last_error"), persisted=True)),
+    # which columns were made storable (NUL, surrogates, sizes): "headers,last_error"; NULL: none
+    Column("sanitised", Text),
+    # SHA-256 of the delivery (bytes, properties, headers): finds a redelivered invalid body's row
+    Column("delivery_hash", LargeBinary),
     CheckConstraint(f"reason IN {DEAD_LETTER_REASONS}", name="dead_letters_reason_check"),
     Index("dead_letters_dead_at_idx", "dead_at"),
     Index("dead_letters_reason_dead_at_idx", "reason", "dead_at"),
     Index("dead_letters_idempotency_key_idx", "idempotency_key"),
+    Index("dead_letters_delivery_hash_idx", "delivery_hash"),
 )
 
 PARTITION_STATES = ("closed", "open", "half_open")
