@@ -189,6 +189,11 @@ class PartitionBoard:
         in_use = sum(1 for seen in self._in_use.values() if now - seen < _IN_USE_SECONDS)
         return breaker.provider_outage(self._states.values(), in_use, self.config)
 
+    @property
+    def enabled(self) -> bool:
+        """``WORKER_BREAKER_FAILURES=0`` turns partition health off."""
+        return self.config.failures > 0
+
     def admit(self, key: str, probe_token: uuid.UUID | None) -> Admission:
         self._in_use[key] = time.monotonic()
         health = self._states.get(key)
@@ -256,6 +261,8 @@ class PartitionBoard:
         retry_after: float | None,
         probe_token: uuid.UUID | None,
     ) -> PartitionHealth:
+        if not self.enabled:
+            return PartitionHealth(key=key)
         outage = self.provider_outage()
         if probe_token is not None:
             PROBES.labels("failed").inc()
@@ -276,6 +283,8 @@ class PartitionBoard:
 
     async def report_success(self, key: str, probe_token: uuid.UUID | None) -> None:
         """Nothing to write for a partition the view holds healthy: the hot path stays free."""
+        if not self.enabled:
+            return
         if probe_token is not None:
             PROBES.labels("succeeded").inc()
         else:

@@ -341,7 +341,9 @@ class Pipeline:
         else:
             # A partition may open while its retries wait in the delay backend, and heal before
             # they come back: a long backoff spends only a first hop there, then is checked.
-            hop = min(wait, settings.breaker_max_break_seconds * _HOP_BREAKS)
+            hop = wait
+            if self.board.enabled:
+                hop = min(wait, settings.breaker_max_break_seconds * _HOP_BREAKS)
             not_before = None if hop >= wait else datetime.now(UTC) + timedelta(seconds=wait)
             await self.delay.publish(
                 delivery.republish(attempts, error, settings.max_priority, not_before), hop

@@ -172,9 +172,10 @@ class Settings(BaseSettings):
     )
     breaker_failures: int = Field(
         5,
-        ge=1,
+        ge=0,
         le=1000,
-        description="Transient failures in a row that open a partition (Envoy's and Finagle's 5)",
+        description="Transient failures in a row that open a partition (Envoy's and Finagle's "
+        "5); 0 turns partition health off: every retry waits out its backoff in the delay backend",
     )
     breaker_break_seconds: float = Field(
         0.5,
