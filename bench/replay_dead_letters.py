@@ -32,6 +32,7 @@ import aio_pika
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from worker.settings import load_settings
 from worker.tooling.demo_provider import DemoProvider, Rule
 from worker.tooling.fleet import (
     delete_broker_objects,
@@ -40,7 +41,6 @@ from worker.tooling.fleet import (
     start_replicas,
     stop_replicas,
 )
-from worker.settings import load_settings
 from worker.topology import Names
 
 DATABASE = "notifications_bench_replay"
