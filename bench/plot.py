@@ -60,7 +60,7 @@ def plot_scenario(name: str, scenario: dict[str, Any], path: Path) -> None:
         right.set_ylim(bottom=0)
         right.legend()
         right.set_title("memory over the drain")
-    elif "fresh_p50_ms" in systems[names[0]]["median"]:
+    elif "recovery_to_last_backlog_s" in systems[names[0]]["median"]:
         keys = [("fresh_p50_ms", "fresh p50 ms"), ("fresh_p99_ms", "fresh p99 ms")]
         if "healthy_p50_ms" in systems[names[0]]["median"]:
             keys = [("healthy_p50_ms", "healthy groups p50 ms"),

@@ -141,6 +141,10 @@ class Meter:
         out["cores_machine"] = round(
             (self._machine_end - self._machine_start) / max(self.seconds, 1e-9), 2
         )
+        # everything else on the machine meanwhile (other people's tests, the bench's driver)
+        out["cores_other"] = round(
+            max(out["cores_machine"] - sum(out[f"cores_{name}"] for name in self.groups), 0), 2
+        )
         out["peak_rss_mb"] = round(self.groups["system"].rss_peak_mb, 1)
         return out
 
@@ -150,11 +154,18 @@ def _machine_busy() -> float:
     return float(times.user + times.system + getattr(times, "softirq", 0) + times.nice)
 
 
-def bottleneck(figures: dict[str, float]) -> str:
-    """The busiest group by cores; ``bench-bound: X`` when it is the bench's own provider or
-    publisher and that single process was nearly a full core."""
-    busiest = max(GROUPS, key=lambda name: figures.get(f"cores_{name}", 0.0))
+def bottleneck(figures: dict[str, float], *, fixed_rate: bool = False) -> str:
+    """The busiest group and its cores; ``bench-bound: X`` when that is the bench's own
+    provider or publisher at nearly a full core (one process each, so one core is its limit).
+    ``machine full`` when all cores were busy (other load included); ``fixed rate`` when the
+    publisher's rate, not a process, set the pace."""
     for name in BENCH_GROUPS:
         if figures.get(f"cores_{name}", 0.0) >= BENCH_BOUND_CORES:
             return f"bench-bound: {name}"
-    return busiest
+    busiest = max(GROUPS, key=lambda name: figures.get(f"cores_{name}", 0.0))
+    label = f"{busiest} {figures.get(f'cores_{busiest}', 0.0):.2f} cores"
+    if fixed_rate:
+        return f"fixed rate; busiest {label}"
+    if figures.get("cores_machine", 0.0) >= 0.9 * (psutil.cpu_count() or 1):
+        label += ", machine full"
+    return label

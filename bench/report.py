@@ -51,7 +51,8 @@ def columns(scenario: str, m: dict[str, Any]) -> list[tuple[str, str]]:
         cells.append(
             ("fresh p50/p99 ms", f"{_num(m['fresh_p50_ms'], 0)}/{_num(m['fresh_p99_ms'], 0)}")
         )
-        cells.append(("recovery→last backlog s", _num(m.get("recovery_to_last_backlog_s"), 1)))
+    if "recovery_to_last_backlog_s" in m:
+        cells.append(("recovery→last backlog s", _num(m["recovery_to_last_backlog_s"], 1)))
     cells.append(("bottleneck", str(m.get("bottleneck", ""))))
     cells.append(("records in PG", "yes" if m.get("records_in_postgres") else "no"))
     return cells
