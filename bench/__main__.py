@@ -26,7 +26,7 @@ import psutil
 
 from bench import report, scenarios
 from bench.lib import RESULTS, Provider, medians, write_json
-from bench.systems import SYSTEMS
+from bench.systems import ALL_SYSTEMS, SYSTEMS
 
 SHORT = ("system", "msgs_per_s", "cpu_system_per_1000", "bottleneck", "lost", "stale_sends")
 
@@ -86,7 +86,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="default 3, --quick 1")
     parser.add_argument("--quick", action="store_true", help="small counts, one run")
     parser.add_argument("--only", nargs="+", choices=names, default=names)
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument(
+        "--systems", nargs="+", choices=ALL_SYSTEMS, default=list(SYSTEMS),
+        help="default: worker dramatiq celery; floor (bench.floor, the smallest loop) on request",
+    )  # fmt: skip
     parser.add_argument(
         "--worker-env", type=_env, action="append", default=[], metavar="KEY=VALUE",
         help="extra environment for `worker run` (e.g. a feature switch), repeatable",

@@ -48,7 +48,7 @@ AUDIENCES = ("a", "b", "c", "d")
 GROUPS = tuple((c, a) for c in CHANNELS for a in AUDIENCES)  # eight (channel, audience)
 
 
-def _with_path(url: str, database: str) -> str:
+def with_path(url: str, database: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
@@ -237,8 +237,8 @@ async def fresh_world(name: str, provider_url: str, **worker_env: str) -> World:
     database = f"bench_{name}"
     names = Names(f"bench.{name}.work")
     source = f"bench.{name}.price-change"
-    db_url = _with_path(settings.database_url, database)
-    await recreate_database(_with_path(settings.database_url, "postgres"), database)
+    db_url = with_path(settings.database_url, database)
+    await recreate_database(with_path(settings.database_url, "postgres"), database)
     await delete_broker_objects(settings.amqp_url, names, source)
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env |= {

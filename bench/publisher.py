@@ -33,7 +33,7 @@ TICK = 0.02
 def encode(fmt: str, body: bytes, queue: str) -> tuple[bytes, dict[str, Any]]:
     """The message bytes and the ``aio_pika.Message`` keyword arguments for one body."""
     text = body.decode()
-    if fmt == "worker":
+    if fmt in ("worker", "raw"):
         return body, {"content_type": "application/json"}
     if fmt == "dramatiq":
         message = {
@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, bodies: list[bytes]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.publisher", description=__doc__)
     parser.add_argument("--amqp", required=True)
-    parser.add_argument("--format", choices=("worker", "dramatiq", "celery"), required=True)
+    parser.add_argument("--format", choices=("worker", "raw", "dramatiq", "celery"), required=True)
     parser.add_argument("--target", required=True, help="exchange (worker) or queue (peers)")
     parser.add_argument("--bodies", required=True)
     parser.add_argument("--out", required=True)

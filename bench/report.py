@@ -80,7 +80,9 @@ def text_tables(results: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    quick = " (--quick)" if results.get("quick") else ""
+    quick = (
+        " (`--quick`: small counts, one run; not figures to quote)" if results.get("quick") else ""
+    )
     out = [
         f"Measured {results['when']} on {results['machine']}{quick}, median of "
         f"{results['runs']} run(s). CPU is seconds per 1,000 messages of the system's processes, "

@@ -78,9 +78,9 @@ class Scenario:
 def scenarios(quick: bool) -> dict[str, Scenario]:
     q = quick
     rate = 100
-    partial_base, partial_out = (2, 5) if q else (10, 40)
-    full_out, full_after = (4, 3) if q else (30, 15)
-    slow_out, slow_after = (4, 4) if q else (30, 20)
+    partial_base, partial_out = (2, 4) if q else (10, 40)
+    full_out, full_after = (3, 3) if q else (30, 15)
+    slow_out, slow_after = (3, 3) if q else (30, 20)
     slow_rate = 150
     retry = QUICK_OUTAGE_RETRY if q else OUTAGE_RETRY
     chosen = {
@@ -88,7 +88,7 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
             "steady_drain", 3000 if q else 20_000, about="preloaded backlog, healthy provider"
         ),
         "steady_rate": Scenario(
-            "steady_rate", (200 if q else 500) * (4 if q else 30), rate=200 if q else 500,
+            "steady_rate", (200 if q else 500) * (3 if q else 30), rate=200 if q else 500,
             about="fixed rate, healthy provider",
         ),
         "partial_outage": Scenario(

@@ -22,15 +22,16 @@ from typing import IO, Any
 import aio_pika
 import psutil
 
-from bench.lib import Provider, World, fresh_world
+from bench.lib import Provider, World, fresh_world, with_path
 from bench.procs import tree
 from worker.settings import load_settings
-from worker.tooling.fleet import ReplicaProcess, stop_replicas
+from worker.tooling.fleet import ReplicaProcess, recreate_database, stop_replicas
 from worker.topology import declare_topology
 
 PROCESSES = 2
 THREADS = 16  # the worker's WORKER_CONCURRENCY, the peers' threads per process
-SYSTEMS = ("worker", "dramatiq", "celery")
+SYSTEMS = ("worker", "dramatiq", "celery")  # the default set; "floor" on request
+ALL_SYSTEMS = (*SYSTEMS, "floor")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class _Peer(System):
 
     _processes: list[asyncio.subprocess.Process]
     _logs: list[IO[bytes]]
+    consumers = PROCESSES  # on the queue once it is ready
 
     @property
     def target(self) -> str:
@@ -193,7 +195,7 @@ class _Peer(System):
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while await self._consumers() < PROCESSES:
+        while await self._consumers() < self.consumers:
             for process in self._processes:
                 if process.returncode is not None:
                     raise RuntimeError(f"{self.name} exited; see {self.log_dir}")
@@ -261,8 +263,37 @@ class Celery(_Peer):
         ]  # fmt: skip
 
 
+class Floor(_Peer):
+    """Not a peer but the smallest honest loop (``bench.floor``): claim, POST, mark sent, ack;
+    one process, asyncpg and uvloop, no retries. Opt-in: ``--systems floor``."""
+
+    name = "floor"
+    fmt = "raw"
+    records = True
+    consumers = 1
+
+    async def setup(self) -> None:
+        settings = load_settings()
+        self.database = f"bench_{self.run}"
+        admin = with_path(settings.database_url, "postgres")
+        await recreate_database(admin, self.database)
+        dsn = with_path(settings.database_url, self.database)
+        self.dsn = dsn.replace("+asyncpg", "")
+        await super().setup()
+
+    def commands(self) -> list[list[str]]:
+        return [
+            [sys.executable, "-m", "bench.floor", "--dsn", self.dsn, "--amqp", self.amqp_url,
+             "--queue", self.target, "--provider", self.provider.url,
+             "--prefetch", str(THREADS)]
+        ]  # fmt: skip
+
+
 def make(
     name: str, run: str, provider: Provider, retry: Retry, extra_env: dict[str, str]
 ) -> System:
-    cls: type[System] = {"worker": Worker, "dramatiq": Dramatiq, "celery": Celery}[name]
+    classes: dict[str, type[System]] = {
+        "worker": Worker, "dramatiq": Dramatiq, "celery": Celery, "floor": Floor
+    }  # fmt: skip
+    cls = classes[name]
     return cls(f"{run}_{name}" if name != "worker" else run, provider, retry, extra_env)
