@@ -5,7 +5,8 @@ threads each), against one provider process and the same message stream (``bench
 Each scenario runs ``--runs`` times (default 3) per system, interleaved; the medians are
 printed, written to ``bench/results/results.json`` with one picture per scenario, and the
 README's benchmark section is rewritten from them. ``--only`` some scenarios or ``--systems``
-some systems write ``bench/results/partial.json`` and leave the README alone. ``--quick``:
+some systems write ``bench/results/partial.json`` and ``partial-*.png`` and leave the README
+alone. ``--quick``:
 small counts, one run, under three minutes. ``--profile``: py-spy on a process of each system
 during steady_drain, top entries in ``bench/results/profile-<system>.txt``. ``--readme``: only
 rewrite the README from the existing ``results.json``. Benchmarks, not tests: nothing asserts
@@ -112,7 +113,7 @@ def main() -> None:
 
     complete = args.only == names and args.systems == list(SYSTEMS)
     path = write_json("results" if complete else "partial", results)
-    pictures = plot(results, RESULTS)
+    pictures = plot(results, RESULTS, prefix="" if complete else "partial-")
     print(f"wrote {path} and {', '.join(p.name for p in pictures)}")
     if complete:
         report.rewrite_readme(results)

@@ -186,12 +186,16 @@ class Publisher:
         assert self.process is not None
         return self.process.pid
 
+    cpu_s: float = 0.0  # what publishing cost the publisher (start-up excluded)
+
     async def done(self) -> list[float]:
         """Wait for it to finish; the monotonic time of each publish."""
         assert self.process is not None
         if await self.process.wait() != 0:
             raise RuntimeError(f"the publisher failed ({self.process.returncode})")
-        sent: list[float] = json.loads((self._dir / "sent").read_text())
+        result = json.loads((self._dir / "sent").read_text())
+        self.cpu_s = float(result["cpu_s"])
+        sent: list[float] = result["sent_at"]
         return sent
 
 

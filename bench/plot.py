@@ -83,11 +83,11 @@ def plot_scenario(name: str, scenario: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def plot(results: dict[str, Any], directory: Path) -> list[Path]:
+def plot(results: dict[str, Any], directory: Path, prefix: str = "") -> list[Path]:
     paths = []
     for name, scenario in results["scenarios"].items():
         if scenario["systems"]:
-            path = directory / f"{name}.png"
+            path = directory / f"{prefix}{name}.png"
             plot_scenario(name, scenario, path)
             paths.append(path)
     return paths

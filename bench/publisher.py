@@ -6,7 +6,8 @@ data does), ``dramatiq`` (a Dramatiq message for the actor ``deliver``) or ``cel
 Celery protocol-2 task message for ``bench.peers.celery_app.deliver``). The same bodies, so the
 same idempotency keys, reach each system. ``--rate 0`` publishes as fast as confirms allow,
 otherwise ``--rate`` a second in 20 ms ticks. Writes the ``time.monotonic()`` (the system-wide
-CLOCK_MONOTONIC, comparable with the provider's log) of each publish to ``--out`` as JSON.
+CLOCK_MONOTONIC, comparable with the provider's log) of each publish to ``--out`` as JSON, with
+the CPU seconds the publishing took (start-up excluded).
 
     python -m bench.publisher --amqp URL --format worker --target EXCHANGE --bodies F --out F
 """
@@ -78,7 +79,8 @@ def encode(fmt: str, body: bytes, queue: str) -> tuple[bytes, dict[str, Any]]:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-async def run(args: argparse.Namespace, bodies: list[bytes]) -> list[float]:
+async def run(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, Any]:
+    cpu_started = time.process_time()
     sent_at: list[float] = []
     async with await aio_pika.connect(args.amqp) as connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -107,7 +109,7 @@ async def run(args: argparse.Namespace, bodies: list[bytes]) -> list[float]:
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
-    return sent_at
+    return {"sent_at": sent_at, "cpu_s": time.process_time() - cpu_started}
 
 
 def main() -> None:
@@ -119,8 +121,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rate", type=float, default=0)
     args = parser.parse_args()
-    sent_at = uvloop.run(run(args, Path(args.bodies).read_bytes().splitlines()))
-    Path(args.out).write_text(json.dumps(sent_at))
+    result = uvloop.run(run(args, Path(args.bodies).read_bytes().splitlines()))
+    Path(args.out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"Measured {results['when']} on {results['machine']}{quick}, median of "
         f"{results['runs']} run(s). CPU is seconds per 1,000 messages of the system's processes, "
         "RabbitMQ, PostgreSQL (this run's backends and the server's own processes), the "
-        "provider process and the publisher process. The peers record nothing in PostgreSQL. "
+        "provider process and the publisher process (what publishing the messages cost it; for a "
+        "preloaded backlog that happened before the measurement). The broker is shared with "
+        "other work on this machine, so its figure is the noisiest. The peers record nothing "
+        "in PostgreSQL. "
         "`bench-bound` means the bench's own provider or publisher was the limit, so no rate "
         "is claimed. Pictures: `bench/results/<scenario>.png`.",
     ]

@@ -195,19 +195,19 @@ class _Peer(System):
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while await self._consumers() < self.consumers:
-            for process in self._processes:
-                if process.returncode is not None:
-                    raise RuntimeError(f"{self.name} exited; see {self.log_dir}")
-            if loop.time() > deadline:
-                raise RuntimeError(f"{self.name} did not start consuming; see {self.log_dir}")
-            await asyncio.sleep(0.1)
-
-    async def _consumers(self) -> int:
         async with await aio_pika.connect(self.amqp_url) as connection:
             channel = await connection.channel()
-            queue = await channel.declare_queue(self.target, passive=True)
-            return int(queue.declaration_result.consumer_count or 0)
+            while await self._consumers(channel) < self.consumers:
+                for process in self._processes:
+                    if process.returncode is not None:
+                        raise RuntimeError(f"{self.name} exited; see {self.log_dir}")
+                if loop.time() > deadline:
+                    raise RuntimeError(f"{self.name} did not start consuming; see {self.log_dir}")
+                await asyncio.sleep(0.1)
+
+    async def _consumers(self, channel: aio_pika.abc.AbstractChannel) -> int:
+        queue = await channel.declare_queue(self.target, passive=True)
+        return int(queue.declaration_result.consumer_count or 0)
 
     def root_pids(self) -> list[int]:
         return [p.pid for p in self._processes if p.returncode is None]
