@@ -29,7 +29,9 @@ from bench import report, scenarios
 from bench.lib import RESULTS, Provider, medians, write_json
 from bench.systems import ALL_SYSTEMS, SYSTEMS
 
-SHORT = ("system", "msgs_per_s", "cpu_system_per_1000", "bottleneck", "lost", "stale_sends")
+SHORT = (
+    "system", "msgs_per_s", "cpu_system_per_1000", "bottleneck", "lost", "stale_sends", "wall_s"
+)  # fmt: skip
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

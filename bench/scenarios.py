@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,32 @@ async def _switch(provider: Provider, phases: Sequence[Phase], began: float) -> 
     return applied
 
 
+BROKER_LOCK = Path("/tmp/nw-broker.lock")
+
+
+@contextlib.asynccontextmanager
+async def broker_shared() -> AsyncIterator[None]:
+    """A shared ``flock`` on the lock that broker-wide faults (stop_app, close_all_connections)
+    of the fault suite take exclusively: one measurement is never cut by another's fault."""
+    lock = await asyncio.to_thread(BROKER_LOCK.open, "a")
+    try:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_SH)
+        yield
+    finally:
+        lock.close()  # releases the lock
+
+
 async def measure(
+    scenario: Scenario, name: str, provider: Provider, options: Options
+) -> dict[str, Any]:
+    async with broker_shared():
+        started = time.monotonic()
+        figures = await _measure(scenario, name, provider, options)
+        figures["wall_s"] = round(time.monotonic() - started, 1)  # set-up and tear-down too
+        return figures
+
+
+async def _measure(
     scenario: Scenario, name: str, provider: Provider, options: Options
 ) -> dict[str, Any]:
     env = options.worker_env if name == "worker" else {}
