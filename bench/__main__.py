@@ -44,6 +44,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": args.runs,
         "quick": args.quick,
         "worker_env": dict(args.worker_env),
+        "profiled": args.profile,
         "scenarios": {},
     }
     started = time.monotonic()

@@ -94,6 +94,11 @@ def markdown(results: dict[str, Any]) -> str:
         "`bench-bound` means the bench's own provider or publisher was the limit, so no rate "
         "is claimed. Pictures: `bench/results/<scenario>.png`.",
     ]
+    if results.get("profiled"):
+        out.append(
+            "\npy-spy was sampling one process of each system during steady_drain (`--profile`), "
+            "which slows it; the profiles' top entries are `bench/results/profile-<system>.txt`."
+        )
     if results.get("worker_env"):
         env = " ".join(f"{k}={v}" for k, v in results["worker_env"].items())
         out.append(f"\nWorker environment: `{env}`.")
