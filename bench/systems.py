@@ -213,17 +213,20 @@ class _Peer(System):
         return [p.pid for p in self._processes if p.returncode is None]
 
     async def stop(self) -> None:
-        for process in self._processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        for process in self._processes:
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    for child in tree(process.pid):
-                        child.kill()
-                await process.wait()
+        """After the measurement (nothing is left to do): SIGTERM, and SIGKILL to the process
+        trees after 3 s; Celery's warm shutdown with the thread pool takes about 10 s here, and
+        a cold one (SIGQUIT) was no faster."""
+        for signum, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+            running = [p for p in self._processes if p.returncode is None]
+            if not running:
+                break
+            for process in running:
+                with contextlib.suppress(ProcessLookupError, psutil.Error):
+                    for member in tree(process.pid) if signum == signal.SIGKILL else []:
+                        member.kill()
+                    process.send_signal(signum)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), grace)
         for log in self._logs:
             log.close()
 
