@@ -49,7 +49,7 @@ from bench.systems import Retry, System, make
 FAILING = (("email", "b"), ("sms", "c"))
 # the outage scenarios' policy for every system: from 1 s, capped, never exhausted
 OUTAGE_RETRY = Retry(max_attempts=100, base_s=1, cap_s=8)
-QUICK_OUTAGE_RETRY = Retry(max_attempts=100, base_s=1, cap_s=4)
+QUICK_OUTAGE_RETRY = Retry(max_attempts=100, base_s=1, cap_s=2)  # --quick: drains sooner
 ALL_500 = [{"status": 500}]
 
 
