@@ -24,10 +24,10 @@ from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from worker.cli import migrate
-from worker.replica import Replica
 from worker.delay import LEVELS
-from worker.tooling.demo_provider import DemoProvider
+from worker.replica import Replica
 from worker.settings import Settings, load_settings
+from worker.tooling.demo_provider import DemoProvider
 from worker.topology import Names
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -27,8 +27,8 @@ from sqlalchemy import Row, text
 
 import worker.admin.replay as replay_module
 from worker.admin import run_admin
-from worker.tooling.demo_provider import Rule
 from worker.envelope import ATTEMPT, FIRST_SEEN_AT, IGNORE_MAX_AGE, LAST_ERROR, REPLAYED_FROM
+from worker.tooling.demo_provider import Rule
 
 from .conftest import AMQP_URL, Harness, price_change
 from .test_outcomes import key_of

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import text
 
 from worker.admin.fingerprint import failure_group, fingerprint
-from worker.tooling.demo_provider import Rule
 from worker.schema import failure_group_sql
+from worker.tooling.demo_provider import Rule
 
 from .conftest import Harness, price_change
 from .test_admin import Admin, admin_for, make_dead_letters, wait_sent

@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from worker.tooling.demo_provider import Rule
 from worker.message import parse_message
+from worker.tooling.demo_provider import Rule
 
 from .conftest import Harness, price_change
 
@@ -76,7 +76,10 @@ async def test_5xx_is_retried_with_falling_priority_then_sent(harness: Harness) 
         retries.append((message.priority, (message.headers or {})["x-attempt"]))
         await message.ack()
     top = settings.max_priority
-    assert retries == [(top - 1, 1), (top - 2, 2)]
+    # The second failure in a row is the partition's, not the message's: that retry is parked
+    # in PostgreSQL for its backoff instead (tests/integration/test_partitions.py), and
+    # released at its attempt's priority.
+    assert retries == [(top - 1, 1)]
 
 
 async def test_timeout_is_retried_and_the_late_acceptance_recorded(harness: Harness) -> None:

@@ -11,7 +11,14 @@ import aio_pika
 import pytest
 
 from worker.message import parse_message
-from worker.tooling.sample_publisher import AUDIENCES, CHANNELS, TICKERS, parse_args, price_change, publish
+from worker.tooling.sample_publisher import (
+    AUDIENCES,
+    CHANNELS,
+    TICKERS,
+    parse_args,
+    price_change,
+    publish,
+)
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 

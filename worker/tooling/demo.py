@@ -1,4 +1,5 @@
-"""The end-to-end demo (``python -m worker.tooling.demo``): the worker at work on this machine's broker.
+"""The end-to-end demo (``python -m worker.tooling.demo``): the worker at work on this
+machine's broker.
 
 It owns the demo's own world and nothing else: the database ``notifications_demo`` (dropped and
 migrated anew), the queue ``demo.notifications.work`` with its delay machinery and the source
@@ -30,6 +31,8 @@ from sqlalchemy import Row, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from worker.message import parse_message
+from worker.settings import ENV_PREFIX, ConfigError, load_settings
 from worker.tooling.demo_provider import DemoProvider, Rule
 from worker.tooling.fleet import (
     ReplicaProcess,
@@ -39,8 +42,6 @@ from worker.tooling.fleet import (
     start_replicas,
     stop_replicas,
 )
-from worker.message import parse_message
-from worker.settings import ENV_PREFIX, ConfigError, load_settings
 from worker.topology import Names
 
 DATABASE = "notifications_demo"

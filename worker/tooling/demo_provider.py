@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 CHANNELS = frozenset({"email", "sms"})
 REQUIRED_FIELDS = ("idempotency_key", "ticker", "price", "occurred_at", "audience")
+ERROR_BODIES = ("json", "binary", "huge")
+HUGE_BODY_BYTES = 10 * 2**20
+_BINARY_PAGE = b"\x00\xff\xfe<html>\x00\x1b[31mBad Gateway\xc3\x28\x00\xed\xa0\x80</html>\x00"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class Rule:
 
     `drop` accepts the key, then cuts the connection without answering (`status` is unused).
     `times` limits how often the rule fires; `probability` makes it fire only sometimes.
+    `body` shapes the failure's body: "json" (a short error object), "binary" (a proxy's
+    binary error page, NUL bytes and invalid UTF-8), "huge" (a 10 MB error page).
+    `nul_id` accepts the key instead and answers 200 with an `id` holding a NUL.
     """
 
     channel: str | None = None
@@ -50,8 +56,12 @@ class Rule:
     drop: bool = False
     times: int | None = None
     probability: float = 1.0
+    body: str = "json"
+    nul_id: bool = False
 
     def __post_init__(self) -> None:
+        if self.body not in ERROR_BODIES:
+            raise ValueError(f"body must be one of {', '.join(ERROR_BODIES)}, got {self.body!r}")
         if not 100 <= self.status <= 599:
             raise ValueError(f"status must be an HTTP status, got {self.status!r}")
         if not 0.0 <= self.probability <= 1.0:
@@ -193,10 +203,17 @@ class DemoProvider:
         if key in self._accepted:
             return web.json_response({"id": self._accepted[key]}, status=409), False
         rule = self._firing_rule(channel, audience)
-        if rule is None or rule.drop:
-            self._accepted[key] = message_id = f"msg-{next(self._ids)}"
-            return web.json_response({"id": message_id}), rule is not None
+        if rule is None or rule.drop or rule.nul_id:
+            nul = "\x00" if rule is not None and rule.nul_id else ""
+            self._accepted[key] = message_id = f"msg-{nul}{next(self._ids)}"
+            return web.json_response({"id": message_id}), rule is not None and rule.drop
         headers = {} if rule.retry_after is None else {"Retry-After": str(rule.retry_after)}
+        if rule.body == "binary":
+            page = web.Response(body=_BINARY_PAGE, status=rule.status, headers=headers)
+            return page, False
+        if rule.body == "huge":
+            filler = b"<html>" + b"x" * (HUGE_BODY_BYTES - 13) + b"</html>"
+            return web.Response(body=filler, status=rule.status, headers=headers), False
         error = {"error": f"injected failure {rule.status}"}
         return web.json_response(error, status=rule.status, headers=headers), False
 

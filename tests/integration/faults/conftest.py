@@ -31,9 +31,9 @@ from aio_pika.exceptions import AMQPError
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from worker.message import parse_message
 from worker.tooling.demo_provider import DemoProvider, RequestRecord
 from worker.tooling.fleet import ReplicaProcess, delete_broker_objects, free_port
-from worker.message import parse_message
 from worker.topology import Names
 
 from ..conftest import AMQP_URL

@@ -1,0 +1,247 @@
+"""Parked messages: kept in PostgreSQL while their partition is open, released when it heals.
+
+A message of an open partition is *parked*: the message as it would be republished (body, AMQP
+headers in their wire encoding, content type) goes into ``parked_messages`` in a batched insert,
+and the delivery is acked only after that commits. Nothing stays in a replica's memory, nothing
+moves while it waits: a row is read once, when it is released.
+
+Every replica runs :meth:`ParkingLot.run`: every ``REFRESH_SECONDS`` it re-reads the partitions'
+health (:class:`worker.partitions.PartitionBoard`), then releases, in transactions that lock the
+rows they take (``FOR UPDATE SKIP LOCKED``, so replicas share the work and never take a row
+twice), publish them publisher-confirmed to the work queue and delete them:
+
+- the due rows of every partition that admits sends again (a healed partition has made all its
+  rows due: :func:`worker.partitions.transition`), at their attempt's priority, so fresh
+  messages still go first and fewer attempts before more, and the scheduler takes no more than
+  its slots: no thundering herd;
+- every expired row, whatever its partition, so that it ends as a dead letter ``expired``
+  within ``REFRESH_SECONDS`` of its due time (a superseded one ends ``superseded`` when
+  released);
+- for each open partition whose break is over, one row as its *probe* (header ``x-probe``), after
+  winning the probe for the fleet: a partition whose messages are all parked is still probed.
+
+A crash between a release's publish and its commit leaves the rows to be released again: the
+copies find their keys finished or leased, as any redelivered message does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from pamqp import decode, encode
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker.batch_connection import BatchConnection
+from worker.batching import Batcher
+from worker.breaker import Admission
+from worker.decisions import priority_for
+from worker.envelope import NOT_BEFORE, PROBE, SCHEDULED_AT
+from worker.errors import describe_error
+from worker.metrics import PARKED, RELEASED
+from worker.partitions import REFRESH_SECONDS, PartitionBoard
+from worker.storable import clean_text
+
+log = structlog.get_logger("worker.parking")
+
+# Rows released per transaction; a tick goes on while batches come back full.
+_RELEASE_BATCH = 500
+_MAX_BATCHES_PER_TICK = 20
+_COUNT_EVERY_TICKS = 10
+
+Publish = Callable[[aio_pika.Message], Awaitable[None]]
+
+_PARK = """
+    INSERT INTO parked_messages (partition_key, idempotency_key, attempt, body, headers,
+                                 content_type, occurred_at, due_at, expires_at)
+    SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]), CAST($3 AS int[]),
+                         CAST($4 AS bytea[]), CAST($5 AS bytea[]), CAST($6 AS text[]),
+                         CAST($7 AS timestamptz[]), CAST($8 AS timestamptz[]),
+                         CAST($9 AS timestamptz[]))
+    ON CONFLICT (idempotency_key) DO NOTHING
+"""
+# The distinct partitions with parked rows, by a walk of the index (one probe per partition).
+_PARKED_PARTITIONS = text(
+    """
+    WITH RECURSIVE walk AS (
+        (SELECT partition_key FROM parked_messages ORDER BY partition_key LIMIT 1)
+        UNION ALL
+        SELECT (SELECT p.partition_key FROM parked_messages AS p
+                WHERE p.partition_key > walk.partition_key
+                ORDER BY p.partition_key LIMIT 1)
+        FROM walk WHERE walk.partition_key IS NOT NULL
+    )
+    SELECT partition_key FROM walk WHERE partition_key IS NOT NULL
+    """
+)
+_TAKE_RELEASABLE = text(
+    """
+    SELECT id, attempt, body, headers, content_type FROM parked_messages
+    WHERE (partition_key = ANY(:keys) AND due_at <= now()) OR expires_at <= now()
+    ORDER BY attempt, id
+    LIMIT :limit FOR UPDATE SKIP LOCKED
+    """
+)
+# The probe: the newest price of the fewest attempts, the message most worth sending first.
+_TAKE_PROBE = text(
+    """
+    SELECT id, attempt, body, headers, content_type FROM parked_messages
+    WHERE partition_key = :key
+    ORDER BY attempt, occurred_at DESC
+    LIMIT 1 FOR UPDATE SKIP LOCKED
+    """
+)
+_DELETE = text("DELETE FROM parked_messages WHERE id = ANY(:ids)")
+_COUNTS = text("SELECT partition_key, count(*) AS parked FROM parked_messages GROUP BY 1")
+
+
+def encode_headers(headers: dict[str, Any]) -> bytes:
+    """AMQP headers in their wire form (pamqp), so that they come back exactly as they were."""
+    return bytes(encode.field_table(_wire_values(headers)))
+
+
+def decode_headers(raw: bytes) -> dict[str, Any]:
+    return dict(decode.field_table(raw)[1])
+
+
+def _wire_values(value: Any) -> Any:
+    """pamqp encodes ``bytearray`` as a byte array, not ``bytes``: convert, at any depth."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: _wire_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wire_values(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    partition: str
+    idempotency_key: str
+    attempt: int
+    message: aio_pika.Message
+    occurred_at: datetime
+    due_at: datetime
+    expires_at: datetime
+
+
+class ParkingLot:
+    def __init__(
+        self, engine: AsyncEngine, board: PartitionBoard, max_priority: int, batch_size: int = 64
+    ) -> None:
+        self._engine = engine
+        self._transactions = engine.execution_options(isolation_level="READ COMMITTED")
+        self._board = board
+        self._max_priority = max_priority
+        self._connections = [BatchConnection(engine) for _ in range(2)]
+        self._parker = Batcher(self._park_batch, batch_size, len(self._connections))
+        self._counted: set[str] = set()  # partitions whose parked count is exported
+
+    async def close(self) -> None:
+        for connection in self._connections:
+            await connection.close()
+
+    async def park(self, parked: Parked) -> None:
+        """Keep the message until its partition heals (committed when this returns)."""
+        await self._parker.submit(parked)
+
+    async def _park_batch(self, rows: Sequence[Parked], lane: int) -> list[None]:
+        await self._connections[lane].fetch(
+            _PARK,
+            [r.partition for r in rows],
+            [r.idempotency_key for r in rows],
+            [r.attempt for r in rows],
+            [r.message.body for r in rows],
+            [encode_headers(dict(r.message.headers)) for r in rows],
+            [
+                None if r.message.content_type is None else clean_text(r.message.content_type)
+                for r in rows
+            ],
+            [r.occurred_at for r in rows],
+            [r.due_at for r in rows],
+            [r.expires_at for r in rows],
+        )
+        return [None] * len(rows)
+
+    async def run(self, publish: Publish, stop: asyncio.Event) -> None:
+        """Refresh the partitions' health and release what is due, until stopped."""
+        tick = 0
+        while not stop.is_set():
+            try:
+                await self.tick(publish, count=tick % _COUNT_EVERY_TICKS == 0)
+            except (SQLAlchemyError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                # the replica's gate and reconnects deal with outages; try again next tick
+                log.warning("release_failed", error=describe_error(exc))
+            tick += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
+
+    async def tick(self, publish: Publish, count: bool = False) -> int:
+        """One round: refresh, release what is due or expired, release probes. Rows released."""
+        board = self._board
+        await board.refresh()
+        async with self._engine.connect() as conn:
+            parked = [row.partition_key for row in await conn.execute(_PARKED_PARTITIONS)]
+            if count:
+                counts = {row.partition_key: row.parked for row in await conn.execute(_COUNTS)}
+                for key in self._counted | counts.keys():
+                    PARKED.labels(key).set(counts.get(key, 0))
+                self._counted = set(counts)
+        sendable = [key for key in parked if board.admit(key, None) is Admission.SEND]
+        released = 0
+        for _ in range(_MAX_BATCHES_PER_TICK):
+            batch = await self._release(
+                _TAKE_RELEASABLE, {"keys": sendable, "limit": _RELEASE_BATCH}, publish, None
+            )
+            released += batch
+            if batch < _RELEASE_BATCH:
+                break
+        for key in parked:
+            if board.admit(key, None) is not Admission.PROBE:
+                continue
+            token = await board.take_probe(key)
+            if token is not None and not await self._release(
+                _TAKE_PROBE, {"key": key}, publish, token
+            ):
+                await board.abandon_probe(key, token)  # its rows were taken meanwhile
+        if released:
+            RELEASED.inc(released)
+            log.info("released", count=released, partitions=len(sendable))
+        return released
+
+    async def _release(
+        self, take: Any, params: dict[str, Any], publish: Publish, probe: uuid.UUID | None
+    ) -> int:
+        async with self._transactions.begin() as conn:
+            rows = (await conn.execute(take, params)).all()
+            if not rows:
+                return 0
+            await asyncio.gather(*(publish(self._message(row, probe)) for row in rows))
+            await conn.execute(_DELETE, {"ids": [row.id for row in rows]})
+        return len(rows)
+
+    def _message(self, row: Any, probe: uuid.UUID | None) -> aio_pika.Message:
+        headers = decode_headers(row.headers)
+        headers.pop(PROBE, None)
+        for name in (NOT_BEFORE, SCHEDULED_AT):  # released: due now, whatever its backoff
+            headers.pop(name, None)
+        if probe is not None:
+            headers[PROBE] = str(probe)
+        return aio_pika.Message(
+            body=row.body,
+            headers=headers,
+            content_type=row.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=uuid.uuid4().hex,
+            priority=priority_for(row.attempt, self._max_priority),
+        )

@@ -1,0 +1,293 @@
+"""The provider's health per partition, shared through PostgreSQL, and each replica's view of it.
+
+Every replica keeps a :class:`PartitionBoard`: the rows of ``partition_health`` that are not
+plainly healthy, re-read every ``REFRESH_SECONDS`` (one small query), so that one replica's
+failures open a partition for all of them within that time. Deciding what to do with a message
+(:func:`worker.breaker.admit`) reads only that view: a healthy partition costs the hot path
+nothing. The database is written only when a partition's health changes (a failure, the first
+success after one, a probe), each time as one transaction that locks the partition's row, applies
+the pure transition of :mod:`worker.breaker` and writes it back: replicas never overwrite each
+other's counts, and exactly one of them wins a probe.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from worker import breaker
+from worker.breaker import Admission, BreakerConfig, PartitionHealth, State
+from worker.metrics import PARTITION_OPENED, PARTITION_STATE, PARTITION_TRANSITIONS, PROBES
+
+log = structlog.get_logger("worker.partitions")
+
+REFRESH_SECONDS = 0.5
+# A partition counts as in use (for the provider-wide outage rule) this long after its last message.
+_IN_USE_SECONDS = 600.0
+_STATE_VALUE = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
+
+_COLUMNS = (
+    "partition_key, state, held, consecutive_failures, trips, opened_at, open_until, "
+    "probe_token, probe_until, probed_at, healed_at, last_error"
+)
+_SELECT_UNHEALTHY = text(
+    f"SELECT {_COLUMNS} FROM partition_health "
+    "WHERE state <> 'closed' OR held OR consecutive_failures > 0"
+    # healed lately: a retry that was on its way meanwhile is sent at once
+    " OR healed_at > now() - interval '1 hour'"
+)
+_ENSURE = text("INSERT INTO partition_health (partition_key) VALUES (:key) ON CONFLICT DO NOTHING")
+_SELECT_ONE = f"SELECT {_COLUMNS}, now() AS now FROM partition_health WHERE partition_key = :key"
+_LOCK = text(f"{_SELECT_ONE} FOR UPDATE")
+_WRITE = text(
+    """
+    UPDATE partition_health
+    SET state = :state, held = :held, consecutive_failures = :consecutive_failures,
+        trips = :trips, opened_at = :opened_at, open_until = :open_until,
+        probe_token = :probe_token, probe_until = :probe_until, probed_at = :probed_at,
+        healed_at = :healed_at,
+        last_error = :last_error,
+        changed_at = now()
+    WHERE partition_key = :key
+    """
+)
+
+# A partition healed: what was parked for its backoff is due at once, whatever the backoff.
+_DUE_NOW = text(
+    "UPDATE parked_messages SET due_at = now() WHERE partition_key = :key AND due_at > now()"
+)
+# ... and in a provider-wide outage, the provider is back: every open partition's break ends.
+_BREAKS_OVER = text(
+    "UPDATE partition_health SET open_until = now() "
+    "WHERE state = 'open' AND NOT held AND open_until > now()"
+)
+
+
+def _health(row: Any) -> PartitionHealth:
+    return PartitionHealth(
+        key=row.partition_key,
+        state=State(row.state),
+        held=row.held,
+        consecutive_failures=row.consecutive_failures,
+        trips=row.trips,
+        opened_at=row.opened_at,
+        open_until=row.open_until,
+        probe_token=row.probe_token,
+        probe_until=row.probe_until,
+        probed_at=row.probed_at,
+        healed_at=row.healed_at,
+        last_error=row.last_error,
+    )
+
+
+Transition = Callable[[PartitionHealth, datetime], PartitionHealth | None]
+
+
+async def transition(
+    conn: AsyncConnection, key: str, change: Transition, provider_outage: bool = False
+) -> tuple[PartitionHealth, PartitionHealth]:
+    """Apply ``change`` to the partition's row under its lock, in the caller's transaction.
+
+    ``change`` gets the row and the database's clock and returns the new state, or None to
+    leave it as it is. Returns (before, after). A partition that heals has its parked
+    messages made due in the same transaction.
+    """
+    await conn.execute(_ENSURE, {"key": key})
+    row = (await conn.execute(_LOCK, {"key": key})).one()
+    before = _health(row)
+    after = change(before, row.now)
+    if after is None or after == before:
+        return before, before
+    await conn.execute(
+        _WRITE,
+        {
+            "key": key,
+            "state": after.state.value,
+            "held": after.held,
+            "consecutive_failures": after.consecutive_failures,
+            "trips": after.trips,
+            "opened_at": after.opened_at,
+            "open_until": after.open_until,
+            "probe_token": after.probe_token,
+            "probe_until": after.probe_until,
+            "probed_at": after.probed_at,
+            "healed_at": after.healed_at,
+            "last_error": after.last_error,
+        },
+    )
+    if after.healthy and not (before.state is State.CLOSED and not before.held):
+        await conn.execute(_DUE_NOW, {"key": key})
+        if provider_outage:
+            await conn.execute(_BREAKS_OVER)
+    return before, after
+
+
+def _export(health: PartitionHealth) -> None:
+    PARTITION_STATE.labels(health.key).set(_STATE_VALUE[health.state])
+    opened = health.opened_at if health.state is not State.CLOSED else None
+    PARTITION_OPENED.labels(health.key).set(0 if opened is None else opened.timestamp())
+
+
+def log_transition(before: PartitionHealth, after: PartitionHealth, cause: str) -> None:
+    if before.state is after.state and before.held == after.held:
+        return
+    PARTITION_TRANSITIONS.labels(after.state.value).inc()
+    log.warning(
+        "partition_" + ("held" if after.held else after.state.value),
+        partition=after.key,
+        previous=before.state.value,
+        cause=cause,
+        consecutive_failures=after.consecutive_failures,
+        trips=after.trips,
+        open_until=None if after.open_until is None else after.open_until.isoformat(),
+        error=after.last_error,
+    )
+
+
+class PartitionBoard:
+    """One replica's view of every partition's health, and its writes of changes."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        fields: tuple[str, ...],
+        config: BreakerConfig,
+        lease_seconds: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        # the engine is in autocommit; a transition locks its row for a transaction
+        self._transactions = engine.execution_options(isolation_level="READ COMMITTED")
+        self.fields = fields
+        self.config = config
+        self._lease_seconds = lease_seconds
+        self._rng = rng or random.Random()
+        self._states: dict[str, PartitionHealth] = {}
+        self._in_use: dict[str, float] = {}
+
+    def key_of(self, message: object) -> str:
+        """The partition of a message: its ``fields``' values, ``|``-joined."""
+        return breaker.partition_key(self.fields, {f: getattr(message, f) for f in self.fields})
+
+    def get(self, key: str) -> PartitionHealth | None:
+        return self._states.get(key)
+
+    @property
+    def unhealthy(self) -> Iterable[PartitionHealth]:
+        return self._states.values()
+
+    def provider_outage(self) -> bool:
+        now = time.monotonic()
+        in_use = sum(1 for seen in self._in_use.values() if now - seen < _IN_USE_SECONDS)
+        return breaker.provider_outage(self._states.values(), in_use, self.config)
+
+    def admit(self, key: str, probe_token: uuid.UUID | None) -> Admission:
+        self._in_use[key] = time.monotonic()
+        health = self._states.get(key)
+        if health is None:
+            return Admission.SEND
+        now = datetime.now(UTC)
+        elsewhere = self.provider_outage() and breaker.probing_elsewhere(
+            self._states.values(), key, now, self.config
+        )
+        return breaker.admit(health, now, probe_token, elsewhere)
+
+    async def refresh(self) -> None:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(_SELECT_UNHEALTHY)).all()
+        fresh = {row.partition_key: _health(row) for row in rows}
+        for key in self._states.keys() - fresh.keys():
+            _export(PartitionHealth(key=key))
+        for health in fresh.values():
+            _export(health)
+        self._states = fresh
+
+    async def reread(self, key: str) -> PartitionHealth | None:
+        """The partition's row now (a message released as a probe may be newer than the view)."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(text(_SELECT_ONE), {"key": key})).one_or_none()
+        if row is not None:
+            self._remember(_health(row))
+        return self._states.get(key)
+
+    def _remember(self, health: PartitionHealth) -> None:
+        if health.healthy:
+            self._states.pop(health.key, None)
+        else:
+            self._states[health.key] = health
+        _export(health)
+
+    async def change(self, key: str, change: Transition, cause: str) -> PartitionHealth:
+        """Write a transition of the partition, remember its result, log it if it moved."""
+        outage = self.provider_outage()
+        async with self._transactions.begin() as conn:
+            before, after = await transition(conn, key, change, outage)
+        self._remember(after)
+        log_transition(before, after, cause)
+        return after
+
+    async def take_probe(self, key: str) -> uuid.UUID | None:
+        """Become the partition's one probe across the fleet; its token, or None (lost)."""
+        token = uuid.uuid4()
+        after = await self.change(
+            key,
+            lambda health, now: breaker.take_probe(health, now, token, self._lease_seconds),
+            "break over",
+        )
+        return token if after.probe_token == token else None
+
+    async def abandon_probe(self, key: str, token: uuid.UUID) -> None:
+        await self.change(
+            key, lambda health, now: breaker.abandon_probe(health, token), "probe not sent"
+        )
+
+    async def report_failure(
+        self,
+        key: str,
+        error: str,
+        retry_after: float | None,
+        probe_token: uuid.UUID | None,
+    ) -> PartitionHealth:
+        outage = self.provider_outage()
+        if probe_token is not None:
+            PROBES.labels("failed").inc()
+        return await self.change(
+            key,
+            lambda health, now: breaker.on_failure(
+                health,
+                now,
+                self.config,
+                self._rng,
+                error=error,
+                retry_after=retry_after,
+                probe_token=probe_token,
+                provider_outage=outage,
+            ),
+            "probe failed" if probe_token is not None else "failures",
+        )
+
+    async def report_success(self, key: str, probe_token: uuid.UUID | None) -> None:
+        """Nothing to write for a partition the view holds healthy: the hot path stays free."""
+        if probe_token is not None:
+            PROBES.labels("succeeded").inc()
+        else:
+            health = self._states.get(key)
+            if health is None or health.healthy:
+                return
+        await self.change(
+            key, lambda health, now: breaker.on_success(health, now, probe_token), "probe succeeded"
+        )
+
+    async def hold(self, key: str) -> PartitionHealth:
+        return await self.change(key, lambda health, now: breaker.hold(health, now), "operator")
+
+    async def close(self, key: str) -> PartitionHealth:
+        return await self.change(key, lambda health, now: breaker.close(health, now), "operator")
