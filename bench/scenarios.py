@@ -223,12 +223,34 @@ async def _measure(
         if options.profile and scenario.name == "steady_drain":
             profiler = await _start_profiler(system)
 
+        # Done when every message is finished, or when nothing has moved (finished count,
+        # provider requests) for longer than a retry can wait: a system that dropped or
+        # stranded messages then shows them as lost instead of hanging the bench.
+        settle = min(scenario.retry.cap_s, 30) + 5
+        progress: list[Any] = [None, time.monotonic()]
+        finished_count = 0
+
         async def finished() -> bool:
-            return await system.finished() >= scenario.messages
+            nonlocal finished_count
+            finished_count = await system.finished()
+            if finished_count >= scenario.messages:
+                return True
+            now = (finished_count, (await provider.stats())["requests"])
+            if now != progress[0]:
+                progress[:] = [now, time.monotonic()]
+                return False
+            publishing = (
+                scenario.rate > 0 and pub.process is not None and (pub.process.returncode is None)
+            )
+            return not publishing and time.monotonic() - progress[1] > settle
 
         await wait_until(finished, scenario.timeout, f"{name} to finish", every=0.25,
                          on_tick=meter.sample, strict=False)  # fmt: skip
         meter.end()
+        if finished_count < scenario.messages:
+            print(f"  {name}: {finished_count} of {scenario.messages} finished, then no "
+                  f"progress for {settle:.0f} s; the rest count as lost", flush=True)  # fmt: skip
+            meter.ended = progress[1]  # the rate up to the last progress, not the wait
         if profiler is not None:
             await _stop_profiler(profiler, name)
         if scenario.rate > 0:
@@ -242,6 +264,7 @@ async def _measure(
             await system.stop()
         await system.teardown()
     figures = _figures(scenario, system, meter, bodies, sent_at, records, applied, already)
+    figures["finished"] = finished_count  # the system's own count (the worker: rows not pending)
     # the publisher's own account (the meter misses its last moments, and a preload's
     # publishing happens before the measurement): CPU of publishing these messages
     figures["cpu_publisher_per_1000"] = round(pub.cpu_s / len(bodies) * 1000, 3)
