@@ -41,5 +41,10 @@ test: lint services
 demo: $(BIN)/.installed services
 	$(BIN)/python -m worker.tooling.demo
 
-bench: $(BIN)/.installed services
+# the peers (Dramatiq, Celery) and py-spy: the optional extra 'bench'
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed services
 	$(BIN)/python -m bench
