@@ -46,9 +46,12 @@ PROBE = "x-probe"
 # backend: back early, it is parked if its partition opened meanwhile, else delayed again.
 NOT_BEFORE = "x-not-before"
 SCHEDULED_AT = "x-scheduled-at"
+# Set on a parked message released to the work queue: a replica whose view still shows its
+# partition open reads the partition again before parking it once more.
+RELEASED = "x-released"
 # Headers the broker or the delay plugin add in transit, and those that belong to one delivery
 # (a probe's token, a first hop's times): never carried forward.
-_BROKER_HEADERS = frozenset({"x-death", "x-delay", PROBE, NOT_BEFORE, SCHEDULED_AT})
+_BROKER_HEADERS = frozenset({"x-death", "x-delay", PROBE, NOT_BEFORE, SCHEDULED_AT, RELEASED})
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 # Headers only the worker and worker-admin set; dropped from a fresh publish's carried headers.
 _CONTROL_HEADERS = frozenset({REPLAYED_FROM, IGNORE_MAX_AGE})

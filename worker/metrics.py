@@ -72,6 +72,6 @@ PARKED = Gauge(
     "Messages parked in PostgreSQL, by partition (counted every few seconds)",
     ["partition"],
 )
-RELEASED = Counter(
+RELEASED_MESSAGES = Counter(
     "notifications_released_total", "Parked messages released back to the work queue"
 )

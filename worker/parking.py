@@ -21,7 +21,9 @@ twice), publish them publisher-confirmed to the work queue and delete them:
   winning the probe for the fleet: a partition whose messages are all parked is still probed.
 
 A crash between a release's publish and its commit leaves the rows to be released again: the
-copies find their keys finished or leased, as any redelivered message does.
+copies find their keys finished or leased, as any redelivered message does. For the same reason
+a key may be parked twice (a released copy parked again before the release committed, a
+redelivery): every row is kept, never merged, and the claim sends the key once.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from worker.batch_connection import BatchConnection
 from worker.batching import Batcher
 from worker.breaker import Admission
 from worker.decisions import priority_for
-from worker.envelope import NOT_BEFORE, PROBE, SCHEDULED_AT
+from worker.envelope import NOT_BEFORE, PROBE, RELEASED, SCHEDULED_AT
 from worker.errors import describe_error
-from worker.metrics import PARKED, RELEASED
+from worker.metrics import PARKED, RELEASED_MESSAGES
 from worker.partitions import REFRESH_SECONDS, PartitionBoard
 from worker.storable import clean_text
 
@@ -67,7 +69,6 @@ _PARK = """
                          CAST($4 AS bytea[]), CAST($5 AS bytea[]), CAST($6 AS text[]),
                          CAST($7 AS timestamptz[]), CAST($8 AS timestamptz[]),
                          CAST($9 AS timestamptz[]))
-    ON CONFLICT (idempotency_key) DO NOTHING
 """
 # The distinct partitions with parked rows, by a walk of the index (one probe per partition).
 _PARKED_PARTITIONS = text(
@@ -215,7 +216,7 @@ class ParkingLot:
             ):
                 await board.abandon_probe(key, token)  # its rows were taken meanwhile
         if released:
-            RELEASED.inc(released)
+            RELEASED_MESSAGES.inc(released)
             log.info("released", count=released, partitions=len(sendable))
         return released
 
@@ -235,6 +236,7 @@ class ParkingLot:
         headers.pop(PROBE, None)
         for name in (NOT_BEFORE, SCHEDULED_AT):  # released: due now, whatever its backoff
             headers.pop(name, None)
+        headers[RELEASED] = True
         if probe is not None:
             headers[PROBE] = str(probe)
         return aio_pika.Message(

@@ -36,7 +36,7 @@ from worker.decisions import (
     retry_delay,
 )
 from worker.delay import DelayBackend
-from worker.envelope import Delivery, read_not_before, read_probe
+from worker.envelope import RELEASED, Delivery, read_not_before, read_probe
 from worker.errors import describe_error
 from worker.message import InvalidMessage, PriceChange, parse_message
 from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES, RETRIES
@@ -182,7 +182,9 @@ class Pipeline:
         # a fresh publish's control headers are not ours: no probe, no backoff of a first hop
         headers = {} if delivery.fresh else (delivery.incoming.headers or {})
         partition = self.board.key_of(message)
-        admitted, probe = await self._admit(partition, read_probe(headers))
+        admitted, probe = await self._admit(
+            partition, read_probe(headers), released=bool(headers.get(RELEASED))
+        )
         backoff = read_not_before(headers, delivery.received_at, self.settings.backoff_max_seconds)
         early = 0.0 if backoff is None else (backoff[1] - delivery.received_at).total_seconds()
         if backoff is not None and breaker.healed_since(self.board.get(partition), backoff[0]):
@@ -245,12 +247,13 @@ class Pipeline:
         return await self._dead(delivery, message, reason, answer.describe(), answer, token)
 
     async def _admit(
-        self, partition: str, probe: uuid.UUID | None
+        self, partition: str, probe: uuid.UUID | None, released: bool
     ) -> tuple[bool, uuid.UUID | None]:
         """May the message be sent (else it is parked), and as which probe, if it is one."""
         admission = self.board.admit(partition, probe)
-        if admission is not Admission.SEND and probe is not None:
-            # released as the probe by another replica, whose take this view may not show yet
+        if admission is not Admission.SEND and (probe is not None or released):
+            # released (as the probe, or as its partition healed) by another replica, whose
+            # change this view may not show yet
             await self.board.reread(partition)
             admission = self.board.admit(partition, probe)
         if admission is Admission.SEND:

@@ -16,7 +16,6 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
@@ -194,7 +193,6 @@ parked_messages = Table(
     Column("due_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    UniqueConstraint("idempotency_key", name="parked_messages_idempotency_key_key"),
     Index("parked_messages_partition_idx", "partition_key", "due_at"),
     Index("parked_messages_expires_at_idx", "expires_at"),
 )

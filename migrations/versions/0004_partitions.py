@@ -57,7 +57,6 @@ def upgrade() -> None:
         sa.Column(
             "parked_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
-        sa.UniqueConstraint("idempotency_key", name="parked_messages_idempotency_key_key"),
     )
     op.create_index("parked_messages_partition_idx", "parked_messages", ["partition_key", "due_at"])
     op.create_index("parked_messages_expires_at_idx", "parked_messages", ["expires_at"])
