@@ -17,7 +17,8 @@ success closes the partition, its failure opens it again for a longer break.
   paid) and *close* it at once.
 - When most partitions are open at once the provider itself is down (Envoy's
   ``max_ejection_percent`` reasoning, turned round): one failure then opens a partition, and at
-  most one probe is in flight across all partitions, so the fleet probes at a trickle.
+  most one probe is in flight across all partitions, so the fleet probes at a trickle; the
+  first probe that succeeds heals every partition the outage opened.
 
 Only transient failures (the ``retry`` verdict: timeouts, 5xx, 408/425/429) count; a 4xx that
 rejects one message says the provider is answering, and counts as a success.

@@ -64,10 +64,21 @@ _WRITE = text(
 _DUE_NOW = text(
     "UPDATE parked_messages SET due_at = now() WHERE partition_key = :key AND due_at > now()"
 )
-# ... and in a provider-wide outage, the provider is back: every open partition's break ends.
-_BREAKS_OVER = text(
-    "UPDATE partition_health SET open_until = now() "
-    "WHERE state = 'open' AND NOT held AND open_until > now()"
+# ... and in a provider-wide outage, the provider is back: every partition it opened heals
+# with it (one still broken opens again after its failures), and all their rows are due.
+_ALL_HEALED = text(
+    """
+    WITH healed AS (
+        UPDATE partition_health
+        SET state = 'closed', consecutive_failures = 0, trips = 0, opened_at = NULL,
+            open_until = NULL, probe_token = NULL, probe_until = NULL, healed_at = now(),
+            changed_at = now()
+        WHERE state <> 'closed' AND NOT held
+        RETURNING partition_key
+    )
+    UPDATE parked_messages SET due_at = now()
+    WHERE due_at > now() AND partition_key IN (SELECT partition_key FROM healed)
+    """
 )
 
 
@@ -126,7 +137,7 @@ async def transition(
     if after.healthy and not (before.state is State.CLOSED and not before.held):
         await conn.execute(_DUE_NOW, {"key": key})
         if provider_outage:
-            await conn.execute(_BREAKS_OVER)
+            await conn.execute(_ALL_HEALED)
     return before, after
 
 
