@@ -38,6 +38,15 @@ def fail(
     return health
 
 
+def probe_of(token: uuid.UUID) -> PartitionHealth:
+    """A partition opened by 3 failures, then taken as the probe ``token`` when its break ended."""
+    opened = fail(PartitionHealth("email|b"), 3)
+    assert opened.open_until is not None
+    probing = breaker.take_probe(opened, opened.open_until, token, 25)
+    assert probing is not None
+    return probing
+
+
 def test_unknown_and_closed_partitions_send() -> None:
     assert breaker.admit(None, NOW) is Admission.SEND
     assert breaker.admit(PartitionHealth("email|b"), NOW) is Admission.SEND
@@ -93,10 +102,7 @@ def test_after_the_break_one_probe_then_park() -> None:
 
 def test_a_successful_probe_closes_the_partition() -> None:
     token = uuid.uuid4()
-    opened = fail(PartitionHealth("email|b"), 3)
-    assert opened.open_until is not None
-    probing = breaker.take_probe(opened, opened.open_until, token, 25)
-    assert probing is not None
+    probing = probe_of(token)
     closed = breaker.on_success(probing, NOW, token)
     assert closed == PartitionHealth("email|b", healed_at=NOW)
     assert closed.healthy
@@ -104,10 +110,8 @@ def test_a_successful_probe_closes_the_partition() -> None:
 
 def test_only_the_probe_closes_an_open_partition() -> None:
     token = uuid.uuid4()
+    probing = probe_of(token)
     opened = fail(PartitionHealth("email|b"), 3)
-    assert opened.open_until is not None
-    probing = breaker.take_probe(opened, opened.open_until, token, 25)
-    assert probing is not None
     straggler = breaker.on_success(probing, NOW, None)  # a send already in flight when it opened
     assert straggler.state is State.HALF_OPEN
     assert breaker.on_success(opened, NOW, None).state is State.OPEN
@@ -115,10 +119,7 @@ def test_only_the_probe_closes_an_open_partition() -> None:
 
 def test_a_failed_probe_opens_it_again_for_longer() -> None:
     token = uuid.uuid4()
-    opened = fail(PartitionHealth("email|b"), 3)
-    assert opened.open_until is not None
-    probing = breaker.take_probe(opened, opened.open_until, token, 25)
-    assert probing is not None
+    probing = probe_of(token)
     again = fail(probing, probe_token=token)
     assert (again.state, again.trips, again.probe_token) == (State.OPEN, 2, None)
     assert again.opened_at == NOW
@@ -140,14 +141,12 @@ def test_a_probe_whose_replica_died_is_taken_over_after_its_lease() -> None:
 
 def test_an_abandoned_probe_lets_the_next_message_probe_at_once() -> None:
     token = uuid.uuid4()
-    opened = fail(PartitionHealth("email|b"), 3)
-    assert opened.open_until is not None
-    probing = breaker.take_probe(opened, opened.open_until, token, 25)
-    assert probing is not None
+    probing = probe_of(token)
+    assert probing.probed_at is not None
     assert breaker.abandon_probe(probing, uuid.uuid4()) is None
     abandoned = breaker.abandon_probe(probing, token)
     assert abandoned is not None
-    assert breaker.admit(abandoned, opened.open_until) is Admission.PROBE
+    assert breaker.admit(abandoned, probing.probed_at) is Admission.PROBE
 
 
 def test_retry_after_throttles_the_whole_partition() -> None:
