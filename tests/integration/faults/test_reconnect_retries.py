@@ -19,7 +19,13 @@ MESSAGES = 48
 async def test_no_second_retry_chain_after_a_reconnect(fleet: Fleet) -> None:
     fleet.provider.latency_ms = 400  # calls in flight when the connection goes
     fleet.provider.set_rules([Rule(audience="down", status=503)])
-    await fleet.start(1, WORKER_MAX_ATTEMPTS=str(MAX_ATTEMPTS), WORKER_CONCURRENCY="16")
+    # partition health off: every message is to retry through the delay backend until exhausted
+    await fleet.start(
+        1,
+        WORKER_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+        WORKER_CONCURRENCY="16",
+        WORKER_BREAKER_FAILURES="0",
+    )
     async with fleet.lock.exclusive():
         await fleet.publish(batch(MESSAGES, "RC", audience="down"))
 
