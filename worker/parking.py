@@ -29,7 +29,6 @@ redelivery): every row is kept, never merged, and the claim sends the key once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -177,15 +176,19 @@ class ParkingLot:
     async def run(self, publish: Publish, stop: asyncio.Event) -> None:
         """Refresh the partitions' health and release what is due, until stopped."""
         tick = 0
+        healed = self._board.healed
         while not stop.is_set():
+            healed.clear()  # a heal from here on wakes the wait below
             try:
                 await self.tick(publish, count=tick % _COUNT_EVERY_TICKS == 0)
             except (SQLAlchemyError, OSError, aio_pika.exceptions.AMQPError) as exc:
                 # the replica's gate and reconnects deal with outages; try again next tick
                 log.warning("release_failed", error=describe_error(exc))
             tick += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(healed.wait())]
+            await asyncio.wait(waits, timeout=REFRESH_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
 
     async def tick(self, publish: Publish, count: bool = False) -> int:
         """One round: refresh, release what is due or expired, release probes. Rows released."""

@@ -12,6 +12,7 @@ other's counts, and exactly one of them wins a probe.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -182,6 +183,7 @@ class PartitionBoard:
         self._lease_seconds = lease_seconds
         self._rng = rng or random.Random()
         self._states: dict[str, PartitionHealth] = {}
+        self.healed = asyncio.Event()
         self._in_use: dict[str, float] = {}
 
     def key_of(self, message: object) -> str:
@@ -248,6 +250,8 @@ class PartitionBoard:
             before, after = await transition(conn, key, change, outage)
         self._remember(after)
         log_transition(before, after, cause)
+        if after.healthy and not before.healthy:
+            self.healed.set()  # this replica's release loop goes at once, not at its next tick
         return after
 
     async def take_probe(self, key: str) -> uuid.UUID | None:
