@@ -136,6 +136,10 @@ class Parked:
 
 
 class ParkingLot:
+    # Lanes of the batched park (a connection each), and the release loop's one.
+    LANES = 2
+    CONNECTIONS = LANES + 1
+
     def __init__(
         self, engine: AsyncEngine, board: PartitionBoard, max_priority: int, batch_size: int = 64
     ) -> None:
@@ -143,7 +147,7 @@ class ParkingLot:
         self._transactions = engine.execution_options(isolation_level="READ COMMITTED")
         self._board = board
         self._max_priority = max_priority
-        self._connections = [BatchConnection(engine) for _ in range(2)]
+        self._connections = [BatchConnection(engine) for _ in range(self.LANES)]
         self._parker = Batcher(self._park_batch, batch_size, len(self._connections))
         self._counted: set[str] = set()  # partitions whose parked count is exported
 

@@ -63,8 +63,9 @@ _POOL_CAP = 10
 
 
 def pool_size(concurrency: int) -> int:
-    """Database connections per replica: no more than its statements can use at once."""
-    return min(concurrency, _POOL_CAP) + DeliveryStore.PINNED
+    """Database connections per replica: no more than its statements can use at once (the
+    batchers' own, the parking lot's and its release loop's, and the rest shared)."""
+    return min(concurrency, _POOL_CAP) + DeliveryStore.PINNED + ParkingLot.CONNECTIONS
 
 
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
