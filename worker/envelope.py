@@ -74,10 +74,12 @@ def _as_int(value: object) -> int | None:
         if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
             return None
         return sign * int(digits)
-    if isinstance(value, (float, Decimal)):
-        if not math.isfinite(value) or value != int(value):
+    if isinstance(value, Decimal):  # is_finite: math.isfinite refuses a signalling NaN
+        if not value.is_finite() or value.adjusted() > 20:  # 1E+999999999 is no attempt count
             return None
-        return int(value)
+        return int(value) if value == value.to_integral_value() else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value == int(value) else None
     return value if isinstance(value, int) else None
 
 
