@@ -29,7 +29,13 @@ from worker.persistence import dumps
 from worker.storable import has_unstorable, storable_json, storable_text
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same 300 examples every run, so that CI never fails by the luck of a draw
+FAST = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # Every value an AMQP field table can carry, as aiormq/pamqp decode them, and worse.
 header_values = st.recursive(
