@@ -1,7 +1,8 @@
 """The long-lived replica: connections, the scheduler's slots, and a graceful stop.
 
-One robust AMQP connection (it reconnects by itself and restores channels, QoS and
-consumers), one pooled database engine and one provider session per process.
+One robust AMQP connection (it reconnects by itself, to the next of a cluster's nodes, and
+restores channels, QoS and consumers), one pooled database engine and one provider session
+per process.
 ``WORKER_CONCURRENCY`` messages run at once, each in a slot of :mod:`worker.scheduler`:
 fresh messages from the ingress queue first, retries from the work queue only for a spare
 slot, so that no buffer of old retries is hoarded while fresh messages wait.
@@ -23,8 +24,11 @@ from aiormq.exceptions import ProbableAuthenticationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.breaker import BreakerConfig
+from worker.broker import connect_cluster, node_of
 from worker.delay import declare_delay_backend
+from worker.envelope import read_attempt
 from worker.health import HealthServer
+from worker.limit import record_limit
 from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED
 from worker.parking import ParkingLot
 from worker.partitions import PartitionBoard
@@ -32,7 +36,7 @@ from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
 from worker.scheduler import Scheduler
-from worker.settings import Settings
+from worker.settings import QueueType, Settings
 from worker.topology import declare_topology
 
 log = structlog.get_logger("worker.replica")
@@ -168,14 +172,17 @@ class Replica:
         settings = self.settings
         while not stop.is_set():
             try:
-                return await aio_pika.connect_robust(
-                    settings.amqp_url,
+                connection = await connect_cluster(
+                    settings.amqp_urls,
                     reconnect_interval=_RECONNECT_SECONDS,
                     # names the replica in the management UI and `rabbitmqctl list_connections`
                     client_properties={
                         "connection_name": f"worker {settings.queue} pid {os.getpid()}"
                     },
                 )
+                log.info("broker_connected", node=node_of(connection))
+                connection.reconnect_callbacks.add(_log_reconnected)
+                return connection
             except ProbableAuthenticationError:
                 raise
             except (AMQPConnectionError, OSError) as exc:
@@ -223,24 +230,32 @@ class Replica:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, settings)
         delay = await declare_delay_backend(
-            settings.amqp_url, channel, topology, settings.delay_backend
+            str(getattr(connection, "url", settings.amqp_urls[0])), channel, topology, settings
         )
         pipeline = Pipeline(settings, self._store, provider, delay, self._board, self._parking)
-        work_queue = topology.names.queue
 
         async def release(message: aio_pika.Message) -> None:
-            await channel.default_exchange.publish(message, routing_key=work_queue, mandatory=True)
+            # to the work queue of its attempt (classic mode: the one work queue)
+            destination = topology.queue_for(read_attempt(message.headers))
+            await channel.default_exchange.publish(message, routing_key=destination, mandatory=True)
 
         releaser = asyncio.create_task(self._parking.run(release, stop))
 
         # Fresh messages: consumed from the ingress queue, two rounds of slots ahead. Retries:
-        # fetched from the work queue on a channel of their own, only for a spare slot.
+        # fetched from the work queues (fewest attempts first) on a channel of their own, only
+        # for a spare slot.
         await channel.set_qos(prefetch_count=2 * settings.concurrency)
         ingress = await channel.get_queue(topology.names.ingress)
         retry_channel = await connection.channel()
-        retries = await retry_channel.get_queue(topology.names.queue)
+        retries = [await retry_channel.get_queue(queue.name) for queue in topology.work_queues]
         scheduler = Scheduler(settings.concurrency, retries, partial(self._start, pipeline.handle))
         self._scheduler = scheduler
+        if settings.queue_type is QueueType.QUORUM:
+            # what the broker dead-lettered at the delivery limit: recorded, a few at a time
+            limit_channel = await connection.channel()
+            await limit_channel.set_qos(prefetch_count=4)
+            limit_queue = await limit_channel.get_queue(topology.names.limit)
+            await limit_queue.consume(self._record_limit)
         ingress_tag = await ingress.consume(self._offer)
         dispatcher = asyncio.create_task(scheduler.run())
         self._consuming = True
@@ -248,6 +263,9 @@ class Replica:
         log.info(
             "started",
             queue=topology.names.queue,
+            queue_type=settings.queue_type,
+            work_queues=len(topology.work_queues),
+            node=node_of(connection),
             delay_backend=delay.name,
             concurrency=settings.concurrency,
             settings=settings.safe_dump(),  # every setting, secrets masked
@@ -269,6 +287,28 @@ class Replica:
             await _return(incoming, "shutdown")
         await self._drain(settings.shutdown_grace_seconds)
         await releaser  # it ends its release in progress, published and committed
+
+    async def _record_limit(self, incoming: AbstractIncomingMessage) -> None:
+        """A message the broker dead-lettered at the delivery limit: a dead letter row.
+
+        Held (never returned) while the database is away, so that it is not counted again."""
+        settings = self.settings
+        while True:
+            await self._gate.wait_open()
+            try:
+                await record_limit(
+                    self._store, incoming, settings.delivery_limit, settings.max_body_bytes
+                )
+                return
+            except _CONNECTION_LOST as exc:
+                log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])
+                return
+            except STATEMENT_ERRORS as exc:
+                log.error("limit_record_failed", error=f"{type(exc).__name__}: {exc.orig}"[:300])
+                await asyncio.sleep(_ERROR_PAUSE_SECONDS)
+            except _DATABASE_ERRORS as exc:
+                self._gate.close(exc)
+                await asyncio.sleep(_PROBE_SECONDS)
 
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:
@@ -334,6 +374,10 @@ class Replica:
             await asyncio.wait(pending)
             RETURNED.labels("shutdown").inc(len(pending))
             log.warning("returned_unfinished", count=len(pending))
+
+
+def _log_reconnected(connection: object, *_: object) -> None:
+    log.info("broker_reconnected", node=node_of(connection))  # type: ignore[arg-type]
 
 
 async def _return(incoming: AbstractIncomingMessage, cause: str) -> None:

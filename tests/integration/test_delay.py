@@ -27,8 +27,9 @@ async def backend(request: pytest.FixtureRequest, harness: Harness) -> AsyncIter
     if name is DelayBackendName.PLUGIN and not await broker_has_plugin(AMQP_URL, harness.names):
         pytest.skip("the broker has no rabbitmq_delayed_message_exchange plugin")
     channel = await harness.amqp.channel(publisher_confirms=True, on_return_raises=True)
-    topology = await declare_topology(channel, harness.settings())
-    yield await declare_delay_backend(AMQP_URL, channel, topology, name)
+    settings = harness.settings(delay_backend=name)
+    topology = await declare_topology(channel, settings)
+    yield await declare_delay_backend(AMQP_URL, channel, topology, settings)
     await channel.close()
 
 
