@@ -1,9 +1,12 @@
-"""A real three-node RabbitMQ cluster for the whole session (quorum mode's tests).
+"""A real three-node RabbitMQ cluster for the whole session, and quorum mode's fixtures.
 
 Three new nodes (never the machine's ``rabbit@localhost``) with their own names, ports and data
 under a temporary directory, booted in parallel and joined; killed by their process groups
 and deleted at the end of the session, whatever happened. Skipped where nodes cannot be
 started (no server, not root nor the ``rabbitmq`` user).
+
+``harness`` here is the outcome suite's harness (``tests/integration/conftest.py``) on the
+cluster in quorum mode, with every node in ``WORKER_AMQP_URL``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from aio_pika.abc import AbstractConnection
 
+from worker.broker import connect_first
 from worker.tooling.cluster import LocalCluster, available
+from worker.tooling.demo_provider import DemoProvider
+
+from ..conftest import Harness, running_harness
 
 pytestmark = pytest.mark.integration
 
@@ -30,3 +38,21 @@ async def cluster() -> AsyncIterator[LocalCluster]:
         yield running
     finally:
         await running.close()
+
+
+@pytest.fixture
+async def amqp(cluster: LocalCluster) -> AsyncIterator[AbstractConnection]:
+    """The test's own connection, to the first node that answers."""
+    connection = await connect_first(cluster.urls)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def harness(
+    cluster: LocalCluster, database_url: str, provider: DemoProvider, amqp: AbstractConnection
+) -> AsyncIterator[Harness]:
+    async with running_harness(
+        database_url, provider, amqp, amqp_url=cluster.amqp_url, queue_type="quorum"
+    ) as running:
+        yield running
