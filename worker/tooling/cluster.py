@@ -188,6 +188,15 @@ class LocalCluster:
         """Boot a killed node again on its data: it rejoins the cluster by itself."""
         await self._boot(self.node(name))
 
+    def is_running(self, name: str) -> bool:
+        process = self.node(name).process
+        return process is not None and process.returncode is None
+
+    async def ensure_running(self) -> None:
+        """Boot again every node a test killed and left down."""
+        down = [node for node in self.nodes if not self.is_running(node.name)]
+        await asyncio.gather(*(self._boot(node) for node in down))
+
     async def leader(self, queue: str) -> str:
         """The node that leads quorum queue ``queue`` (asked of any running node)."""
         for node in self.nodes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -22,6 +23,7 @@ from worker.tooling.cluster import LocalCluster, available
 from worker.tooling.demo_provider import DemoProvider
 
 from ..conftest import Harness, running_harness
+from ..faults.conftest import Fleet, running_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +58,22 @@ async def harness(
         database_url, provider, amqp, amqp_url=cluster.amqp_url, queue_type="quorum"
     ) as running:
         yield running
+
+
+@pytest.fixture
+async def cluster_fleet(
+    request: pytest.FixtureRequest, cluster: LocalCluster, database_url: str, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    """The fault suite's fleet of real ``worker run`` processes, in quorum mode on every node
+    of the cluster; a node a test killed is booted again afterwards."""
+    try:
+        async with running_fleet(
+            request.node.name,
+            database_url,
+            tmp_path,
+            amqp_url=cluster.amqp_url,
+            WORKER_QUEUE_TYPE="quorum",
+        ) as running:
+            yield running
+    finally:
+        await cluster.ensure_running()
