@@ -28,8 +28,7 @@ from worker.broker import connect_cluster, node_of
 from worker.delay import declare_delay_backend
 from worker.envelope import read_attempt
 from worker.health import HealthServer
-from worker.limit import record_limit
-from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED
+from worker.metrics import DELAY_BACKEND, DELIVERY_LIMIT_REACHED, IN_FLIGHT, RETURNED
 from worker.parking import ParkingLot
 from worker.partitions import PartitionBoard
 from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
@@ -248,14 +247,11 @@ class Replica:
         ingress = await channel.get_queue(topology.names.ingress)
         retry_channel = await connection.channel()
         retries = [await retry_channel.get_queue(queue.name) for queue in topology.work_queues]
+        if settings.queue_type is QueueType.QUORUM:
+            # what the broker dead-lettered at the delivery limit: served last, to its outcome
+            retries.append(await retry_channel.get_queue(topology.names.limit))
         scheduler = Scheduler(settings.concurrency, retries, partial(self._start, pipeline.handle))
         self._scheduler = scheduler
-        if settings.queue_type is QueueType.QUORUM:
-            # what the broker dead-lettered at the delivery limit: recorded, a few at a time
-            limit_channel = await connection.channel()
-            await limit_channel.set_qos(prefetch_count=4)
-            limit_queue = await limit_channel.get_queue(topology.names.limit)
-            await limit_queue.consume(self._record_limit)
         ingress_tag = await ingress.consume(self._offer)
         dispatcher = asyncio.create_task(scheduler.run())
         self._consuming = True
@@ -288,28 +284,6 @@ class Replica:
         await self._drain(settings.shutdown_grace_seconds)
         await releaser  # it ends its release in progress, published and committed
 
-    async def _record_limit(self, incoming: AbstractIncomingMessage) -> None:
-        """A message the broker dead-lettered at the delivery limit: a dead letter row.
-
-        Held (never returned) while the database is away, so that it is not counted again."""
-        settings = self.settings
-        while True:
-            await self._gate.wait_open()
-            try:
-                await record_limit(
-                    self._store, incoming, settings.delivery_limit, settings.max_body_bytes
-                )
-                return
-            except _CONNECTION_LOST as exc:
-                log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])
-                return
-            except STATEMENT_ERRORS as exc:
-                log.error("limit_record_failed", error=f"{type(exc).__name__}: {exc.orig}"[:300])
-                await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-            except _DATABASE_ERRORS as exc:
-                self._gate.close(exc)
-                await asyncio.sleep(_PROBE_SECONDS)
-
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:
             await _return(incoming, "shutdown")
@@ -336,6 +310,9 @@ class Replica:
 
     async def _handle(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
         IN_FLIGHT.inc()
+        if _limit_reached(incoming):
+            DELIVERY_LIMIT_REACHED.inc()
+            log.warning("delivery_limit_reached", limit=self.settings.delivery_limit)
         try:
             await self._gate.wait_open()
             await handler(incoming)
@@ -374,6 +351,15 @@ class Replica:
             await asyncio.wait(pending)
             RETURNED.labels("shutdown").inc(len(pending))
             log.warning("returned_unfinished", count=len(pending))
+
+
+def _limit_reached(incoming: AbstractIncomingMessage) -> bool:
+    """Dead-lettered by the broker for being returned ``WORKER_DELIVERY_LIMIT`` times."""
+    deaths = (incoming.headers or {}).get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return False
+    reason = deaths[0].get("reason")
+    return (reason.decode() if isinstance(reason, bytes) else reason) == "delivery_limit"
 
 
 def _log_reconnected(connection: object, *_: object) -> None:

@@ -13,7 +13,8 @@ Quorum queues on RabbitMQ 3.x have no priorities, so the work queue's priorities
 ``<queue>.a1`` … ``<queue>.aN`` the messages coming back after 1 … N failed attempts; the
 scheduler serves them in that order. Each quorum queue has an explicit ``x-delivery-limit``
 (RabbitMQ 4 would otherwise apply 20) and dead-letters a message returned that often,
-at-least-once, to ``<queue>.limit``, which the worker consumes and records.
+at-least-once, to ``<queue>.limit``, which the scheduler serves after the attempt queues: such
+a message runs to its outcome (sent, or a dead letter), counted and logged, never dropped.
 """
 
 from __future__ import annotations
