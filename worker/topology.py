@@ -117,14 +117,28 @@ _INEQUIVALENT = re.compile(
 
 
 async def declare_queue(
-    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+    channel: AbstractChannel,
+    name: str,
+    arguments: dict[str, Any],
+    other_type: dict[str, Any] | None = None,
 ) -> AbstractQueue:
     """Declare a durable queue; a queue that exists with other arguments (a classic queue met
-    in quorum mode, say) is refused with one line naming the setting, not a channel error."""
+    in quorum mode, say) is refused with one line naming the setting, not a channel error.
+
+    The broker names the first argument that differs, not necessarily the type: with
+    ``other_type`` (the queue's arguments in the other WORKER_QUEUE_TYPE), a refused declare is
+    tried again with those, and if they match, the line says the type is what differs."""
     try:
         return await channel.declare_queue(name, durable=True, arguments=arguments)
     except ChannelPreconditionFailed as exc:
         text = str(exc)
+        if other_type is not None and await _matches(channel, name, other_type):
+            current, wanted = other_type["x-queue-type"], arguments["x-queue-type"]
+            raise ConfigError(
+                f"{ENV_PREFIX}QUEUE_TYPE: queue {name!r} exists as a {current} queue, this "
+                f"replica declares {wanted} queues; drain and delete the {current} queues, or "
+                f"set {ENV_PREFIX}QUEUE_TYPE={current}"
+            ) from None
         found = _INEQUIVALENT.search(text)
         if found is None:
             raise ConfigError(f"{ENV_PREFIX}QUEUE: queue {name!r} exists as: {text}") from None
@@ -136,25 +150,40 @@ async def declare_queue(
         ) from None
 
 
+async def _matches(channel: AbstractChannel, name: str, arguments: dict[str, Any]) -> bool:
+    """Would the queue's declaration with ``arguments`` be accepted? (on the reopened channel:
+    the refused declaration closed it)"""
+    try:
+        await channel.reopen()
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed:
+        return False
+    return True
+
+
 async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
     """Declare the source exchange, the ingress and work queues and the ingress binding."""
     names = Names(settings.queue)
     source = await channel.declare_exchange(
         settings.source_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
+    to_limit = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.limit}
+    classic_ingress = {"x-queue-type": "classic"}
+    quorum_ingress = quorum_arguments(settings, to_limit)
+    # the ingress queue first in either mode: it tells a queue of the other type apart
     if settings.queue_type is QueueType.CLASSIC:
+        ingress_queue = await declare_queue(
+            channel, names.ingress, classic_ingress, other_type=quorum_ingress
+        )
         work_queue = await declare_queue(
             channel,
             names.queue,
             {"x-queue-type": "classic", "x-max-priority": settings.max_priority},
         )
-        ingress_queue = await declare_queue(channel, names.ingress, {"x-queue-type": "classic"})
         work_queues = [work_queue]
     else:
-        to_limit = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.limit}
-        # ingress first: a classic one left from classic mode is the likeliest mismatch
         ingress_queue = await declare_queue(
-            channel, names.ingress, quorum_arguments(settings, to_limit)
+            channel, names.ingress, quorum_ingress, other_type=classic_ingress
         )
         work_queues = [
             await declare_queue(channel, name, quorum_arguments(settings, to_limit))
