@@ -320,8 +320,7 @@ async def _declare(
     return cascade, recorder
 
 
-async def _recorded_broker(queue_type: QueueType = QueueType.CLASSIC) -> Broker:
-    _, recorder = await _declare(queue_type=queue_type)
+def _broker_of(recorder: _Recorder) -> Broker:
     broker = Broker(bindings=list(recorder.bindings))
     for name, (_, arguments) in recorder.queues.items():
         broker.delay_queues[name] = DelayQueue(
@@ -330,6 +329,11 @@ async def _recorded_broker(queue_type: QueueType = QueueType.CLASSIC) -> Broker:
             arguments.get("x-dead-letter-routing-key"),
         )
     return broker
+
+
+async def _recorded_broker(queue_type: QueueType = QueueType.CLASSIC) -> Broker:
+    _, recorder = await _declare(queue_type=queue_type)
+    return _broker_of(recorder)
 
 
 # --- the cascade ------------------------------------------------------------------------------
@@ -437,13 +441,7 @@ async def test_quorum_cascade_delivers_to_the_queue_of_the_attempt(
     attempt: int, seconds: int
 ) -> None:
     cascade, recorder = await _declare(queue_type=QueueType.QUORUM)
-    broker = Broker(bindings=list(recorder.bindings))
-    for name, (_, arguments) in recorder.queues.items():
-        broker.delay_queues[name] = DelayQueue(
-            arguments["x-message-ttl"],
-            arguments["x-dead-letter-exchange"],
-            arguments.get("x-dead-letter-routing-key"),
-        )
+    broker = _broker_of(recorder)
     destination = cascade.topology.queue_for(attempt)
     broker.work_queue = destination
     assert destination == (QUEUE if attempt == 0 else f"{QUEUE}.a{min(attempt, 9)}")
