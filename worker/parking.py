@@ -174,7 +174,14 @@ class ParkingLot:
         while not stop.is_set():
             try:
                 await self.tick(publish, count=tick % _COUNT_EVERY_TICKS == 0)
-            except (SQLAlchemyError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            except (
+                SQLAlchemyError,
+                OSError,
+                aio_pika.exceptions.AMQPError,
+                # the channel while the connection is being restored (a RuntimeError, not an
+                # AMQPError): without it the releaser died at a broker's or node's loss
+                aio_pika.exceptions.ChannelInvalidStateError,
+            ) as exc:
                 # the replica's gate and reconnects deal with outages; try again next tick
                 log.warning("release_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             tick += 1
