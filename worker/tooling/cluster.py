@@ -113,7 +113,9 @@ class LocalCluster:
 
     async def start(self) -> None:
         started = time.monotonic()
+        reap_orphans()
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-cluster-"))
+        (self.root / "owner").write_text(str(os.getpid()))
         owner = pwd.getpwnam(USER)
         amqp_ports = self.amqp_ports or [free_port() for _ in range(self.size)]
         dist_ports = self.dist_ports or [free_port() for _ in range(self.size)]
@@ -162,6 +164,8 @@ class LocalCluster:
             )
         finally:
             log.close()
+        # for reap_orphans(), should this process die without closing the cluster
+        (node.base / "pgid").write_text(str(node.process.pid))
         await self._await_startup(node)
 
     async def _await_startup(self, node: Node, timeout: float = 120) -> None:
@@ -222,6 +226,27 @@ class LocalCluster:
                     await asyncio.wait_for(node.process.wait(), 10)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def reap_orphans() -> None:
+    """Kill the nodes of clusters whose owning process died without closing them (a test run
+    killed by a signal): each node by its process group, checked to still be that node."""
+    for owner in Path(tempfile.gettempdir()).glob("*-cluster-*/owner"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(owner.read_text())
+            if Path(f"/proc/{pid}").exists():
+                continue  # its owner is alive
+            for pgid_file in owner.parent.glob("*/pgid"):
+                pgid = int(pgid_file.read_text())
+                name = f"RABBITMQ_NODENAME={pgid_file.parent.name}@localhost".encode()
+                for proc in Path("/proc").glob("[0-9]*"):
+                    with contextlib.suppress(OSError):
+                        if os.getpgid(int(proc.name)) == pgid and name in (
+                            proc / "environ"
+                        ).read_bytes().split(b"\0"):
+                            os.killpg(pgid, signal.SIGKILL)
+                            break
+            shutil.rmtree(owner.parent, ignore_errors=True)
 
 
 def free_port() -> int:
