@@ -133,7 +133,8 @@ async def test_kill_the_node_leading_the_work_queues_mid_run(
     await finish(fleet, 120)
     for replica in fleet.replicas:
         replica.check_alive()  # never restarted
-    assert await consumers(fleet, fleet.names.ingress) == 2  # both consuming again
+    # (the consumers of the dead node's connections are kept, "suspected down", until it
+    # returns: the broker's count says more only after the restart, below)
     reconnected = len(fleet.events("broker_reconnected"))
 
     # the node comes back and rejoins; the replicas keep consuming where they are
@@ -143,7 +144,7 @@ async def test_kill_the_node_leading_the_work_queues_mid_run(
     after = batch(20, "AFTER")
     await publish_through_failover(fleet, after)
     await finish(fleet, 60)
-    assert await consumers(fleet, fleet.names.ingress) == 2
+    assert await consumers(fleet, fleet.names.ingress) == 2  # both consuming, by themselves
 
     figures = await fleet.verify(allowed_duplicates=2 * 16)  # answers in flight at the kill
     failed_before = {r.key for r in fleet.provider.requests if r.status == 503 and r.at < killed}
