@@ -5,7 +5,8 @@
 #   worker migrate               Alembic upgrade head (alembic.ini + migrations/ in /app)
 #   worker-admin ...             dead-letter admin
 #   python -m worker.tooling.demo_provider ...   the demo provider
-# The image has no HEALTHCHECK: only `worker run` serves /readyz, so compose sets it per service.
+# The image has no HEALTHCHECK: only `worker run` serves /readyz, so compose sets one per
+# service (`worker check`: exit 0 when /readyz on WORKER_METRICS_PORT answers 200).
 
 ARG PYTHON_VERSION=3.11
 
@@ -16,11 +17,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# The runtime dependencies exactly as locked (versions and hashes: `make lock` refreshes the
+# file), in a layer of their own that a code change does not rebuild.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 # pyproject names README.md as the readme: the build needs it.
 COPY pyproject.toml README.md ./
 COPY worker/ ./worker/
-# Runtime dependencies only (no [dev] extra); a regular, non-editable install into the venv.
-RUN pip install .
+# The project itself, a regular, non-editable install, nothing more (--no-deps).
+RUN pip install --no-deps .
 
 FROM python:${PYTHON_VERSION}-slim
 ENV PATH=/opt/venv/bin:$PATH \

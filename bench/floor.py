@@ -1,9 +1,10 @@
 """The floor: the smallest honest loop that does a delivery's external work and nothing else.
 
-aio-pika consume with the worker's prefetch; per message one ``INSERT … ON CONFLICT`` claim,
+aio-pika consume with the worker's prefetch; per message the worker's parse (its idempotency key
+and provider body), one ``INSERT … ON CONFLICT`` claim,
 one aiohttp POST to the provider, one ``UPDATE``, then the ack. asyncpg and uvloop, no ORM,
-no priorities, no retries, no logs. ``bench.steady`` runs it as a process beside the worker and
-reports worker/floor.
+no priorities, no retries, no logs. ``python -m bench --systems floor worker`` runs it as a
+system beside the worker.
 
     python -m bench.floor --dsn DSN --amqp URL --queue Q --provider URL --prefetch 16
 """
@@ -12,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import json
 import signal
+from datetime import UTC, datetime
 
 import aio_pika
 import aiohttp
 import asyncpg
 import uvloop
 from aio_pika.abc import AbstractIncomingMessage
+
+from worker.message import parse_message
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS floor_deliveries (
@@ -48,11 +50,11 @@ async def run(args: argparse.Namespace) -> None:
     queue = await channel.declare_queue(args.queue, durable=True)
 
     async def deliver(message: AbstractIncomingMessage) -> None:
-        key = hashlib.sha256(message.body).hexdigest()
+        change = parse_message(message.body, datetime.now(UTC))  # the worker's key and body
+        key = change.idempotency_key
         if await pool.fetchval(CLAIM, key) is not None:
-            body = json.loads(message.body)
-            url = f"{args.provider}/v1/notifications/{body['channel']}"
-            payload = {"idempotency_key": key, **body}
+            url = f"{args.provider}/v1/notifications/{change.channel}"
+            payload = change.provider_body()
             async with session.post(url, json=payload, headers={"Idempotency-Key": key}) as r:
                 await r.read()
             await pool.execute(MARK_SENT, key)

@@ -1,38 +1,40 @@
-"""What every benchmark shares: a fresh world per run, messages, publishing, waiting, and what
-the measured processes cost.
+"""What every benchmark shares: the provider process, the publisher process, the message
+stream, a fresh world per run and the reading of the provider's request log.
 
-A *world* is one run's own database (dropped and migrated anew), queue and exchange names,
-log directory and the environment for ``worker run``. Costs are read from ``/proc`` through
-psutil: CPU seconds (user + system) and resident memory, sampled while the run goes on.
+The provider (``python -m worker.tooling.demo_provider --quiet --uvloop``) and the publisher
+(``python -m bench.publisher``) are processes of their own, so their CPU is counted apart from
+the system under test (``bench.procs``). The provider's log is read once at the end of each
+measurement: every request with its key, topic, ``occurred_at``, answer and the system-wide
+monotonic time it arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
-import psutil
+import aiohttp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from worker.message import parse_message
 from worker.settings import ENV_PREFIX, load_settings
-from worker.tooling.demo_provider import DemoProvider
 from worker.tooling.fleet import (
     ReplicaProcess,
     delete_broker_objects,
+    free_port,
     migrate,
     recreate_database,
     start_replicas,
@@ -40,21 +42,173 @@ from worker.tooling.fleet import (
 from worker.topology import Names
 
 RESULTS = Path(__file__).parent / "results"
-PROVIDER_LATENCY_MS = 2  # the fast local provider: 200 in about 2 ms
+PROVIDER_LATENCY_MS = 2  # the healthy provider: 200 in about 2 ms
 CHANNELS = ("email", "sms")
 AUDIENCES = ("a", "b", "c", "d")
+GROUPS = tuple((c, a) for c in CHANNELS for a in AUDIENCES)  # eight (channel, audience)
 
 
-def _with_path(url: str, database: str) -> str:
+def with_path(url: str, database: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+# --- the provider -------------------------------------------------------------------------
+
+
+class Provider:
+    """The demo provider as its own process, driven over its control API."""
+
+    def __init__(self, latency_ms: int = PROVIDER_LATENCY_MS) -> None:
+        self.latency_ms = latency_ms
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def __aenter__(self) -> Provider:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker.tooling.demo_provider",
+            "--port", str(self.port), "--latency-ms", str(self.latency_ms),
+            "--quiet", "--uvloop",
+        )  # fmt: skip
+        self._session = aiohttp.ClientSession()
+        await wait_until(self._up, 20, "the provider to listen", every=0.1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+    async def _up(self) -> bool:
+        try:
+            await self.stats()
+        except aiohttp.ClientError:
+            return False
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        assert self._session is not None
+        async with self._session.get(f"{self.url}/_control/stats") as response:
+            result: dict[str, Any] = await response.json()
+            return result
+
+    async def set(
+        self,
+        rules: Sequence[dict[str, Any]] = (),
+        *,
+        latency_ms: int | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        """Rules, latency and capacity (None: no limit), all at once, from now on."""
+        assert self._session is not None
+        body = {
+            "rules": list(rules),
+            "latency_ms": self.latency_ms if latency_ms is None else latency_ms,
+            "capacity": capacity,
+        }
+        async with self._session.put(f"{self.url}/_control/rules", json=body) as response:
+            response.raise_for_status()
+
+    async def reset(self) -> None:
+        assert self._session is not None
+        async with self._session.delete(f"{self.url}/_control/state") as response:
+            response.raise_for_status()
+        await self.set()
+
+    async def requests(self) -> list[dict[str, Any]]:
+        assert self._session is not None
+        async with self._session.get(f"{self.url}/_control/requests") as response:
+            result: list[dict[str, Any]] = await response.json()
+            return result
+
+
+# --- the message stream -------------------------------------------------------------------
+
+
+def price_changes(count: int, *, start: int = 0, tickers: int | None = None) -> list[bytes]:
+    """Bodies ``start`` … ``start + count - 1``, round-robin over the eight groups.
+
+    Message ``n`` is of ticker ``n // 8`` (modulo ``tickers`` when given, so topics repeat),
+    and ``occurred_at`` grows with ``n`` by a millisecond: a later message of a topic is a newer
+    price. Every body has its own idempotency key.
+    """
+    base = datetime.now(UTC) - timedelta(seconds=600)
+    bodies = []
+    for n in range(start, start + count):
+        channel, audience = GROUPS[n % len(GROUPS)]
+        ticker = n // len(GROUPS)
+        if tickers is not None:
+            ticker %= tickers
+        body = {
+            "ticker": f"T{ticker}",
+            "price": f"{100 + n % 997 / 100:.2f}",
+            "occurred_at": (base + timedelta(milliseconds=n)).isoformat(),
+            "channel": channel,
+            "audience": audience,
+        }
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+async def publish(
+    amqp_url: str, fmt: str, target: str, bodies: Sequence[bytes], *, rate: float = 0
+) -> Publisher:
+    """Start the publisher process on ``bodies``; ``await`` the result's ``done()``."""
+    publisher = Publisher(bodies)
+    await publisher.start(amqp_url, fmt, target, rate)
+    return publisher
+
+
+@dataclass
+class Publisher:
+    bodies: Sequence[bytes]
+    process: asyncio.subprocess.Process | None = None
+    _dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-pub-")))
+
+    async def start(self, amqp_url: str, fmt: str, target: str, rate: float) -> None:
+        (self._dir / "bodies").write_bytes(b"\n".join(self.bodies))
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.publisher", "--amqp", amqp_url, "--format", fmt,
+            "--target", target, "--bodies", str(self._dir / "bodies"),
+            "--out", str(self._dir / "sent"), "--rate", str(rate),
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    cpu_s: float = 0.0  # what publishing cost the publisher (start-up excluded)
+
+    async def done(self) -> list[float]:
+        """Wait for it to finish; the monotonic time of each publish."""
+        assert self.process is not None
+        if await self.process.wait() != 0:
+            raise RuntimeError(f"the publisher failed ({self.process.returncode})")
+        result = json.loads((self._dir / "sent").read_text())
+        self.cpu_s = float(result["cpu_s"])
+        sent: list[float] = result["sent_at"]
+        return sent
+
+
+# --- a fresh world ------------------------------------------------------------------------
 
 
 @dataclass
 class World:
-    """One benchmark run's database, broker names, logs and worker environment."""
+    """One run's database (for the worker), broker names, logs and worker environment."""
 
     name: str
     amqp_url: str
+    database: str
     database_url: str
     names: Names
     source_exchange: str
@@ -87,8 +241,8 @@ async def fresh_world(name: str, provider_url: str, **worker_env: str) -> World:
     database = f"bench_{name}"
     names = Names(f"bench.{name}.work")
     source = f"bench.{name}.price-change"
-    db_url = _with_path(settings.database_url, database)
-    await recreate_database(_with_path(settings.database_url, "postgres"), database)
+    db_url = with_path(settings.database_url, database)
+    await recreate_database(with_path(settings.database_url, "postgres"), database)
     await delete_broker_objects(settings.amqp_url, names, source)
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env |= {
@@ -104,76 +258,76 @@ async def fresh_world(name: str, provider_url: str, **worker_env: str) -> World:
     }
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     await migrate(env, log_dir / "migrate.log")
-    return World(name, settings.amqp_url, db_url, names, source, log_dir, env)
+    return World(name, settings.amqp_url, database, db_url, names, source, log_dir, env)
 
 
-def price_changes(
-    count: int,
-    *,
-    audiences: Sequence[str] = AUDIENCES,
-    start: int = 0,
-    age_seconds: float = 0,
-) -> list[bytes]:
-    """``count`` valid bodies, each of its own topic (ticker × channel × audience)."""
-    occurred_at = (datetime.now(UTC) - timedelta(seconds=age_seconds)).isoformat()
-    per_ticker = len(CHANNELS) * len(audiences)
-    bodies = []
-    for n in range(start, start + count):
-        ticker, rest = divmod(n, per_ticker)
-        channel, audience = divmod(rest, len(audiences))
-        body = {
-            "ticker": f"T{ticker}",
-            "price": f"{100 + n % 997 / 100:.2f}",
-            "occurred_at": occurred_at,
-            "channel": CHANNELS[channel],
-            "audience": audiences[audience],
-        }
-        bodies.append(json.dumps(body).encode())
-    return bodies
+# --- reading the provider's log -----------------------------------------------------------
 
 
-async def publish(
-    amqp_url: str, bodies: Iterable[bytes], *, exchange: str = "", routing_key: str = "prices.x"
-) -> list[float]:
-    """Publish as market data does (JSON, persistent, no priority), confirmed, pipelined;
-    the ``time.monotonic()`` at which each went out."""
-    async with await aio_pika.connect(amqp_url) as connection:
-        channel = await connection.channel(publisher_confirms=True)
-        target = await channel.get_exchange(exchange) if exchange else channel.default_exchange
-        pending: list[Awaitable[Any]] = []
-        sent_at = []
-        for body in bodies:
-            message = aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-            sent_at.append(time.monotonic())
-            pending.append(target.publish(message, routing_key=routing_key))
-            if len(pending) >= 1000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    return sent_at
+@dataclass(frozen=True)
+class Published:
+    key: str
+    topic: str
+    occurred_at: str
+    sent_at: float
 
 
-def key_of(body: bytes) -> str:
-    return parse_message(body, datetime.now(UTC)).idempotency_key
+def published(bodies: Sequence[bytes], sent_at: Sequence[float]) -> list[Published]:
+    now = datetime.now(UTC)
+    out = []
+    for body, at in zip(bodies, sent_at, strict=True):
+        message = parse_message(body, now)
+        out.append(Published(message.idempotency_key, message.topic_key,
+                             message.occurred_at_text, at))  # fmt: skip
+    return out
 
 
-def acceptance_latencies(
-    provider: DemoProvider, bodies: Sequence[bytes], sent_at: Sequence[float]
-) -> list[float]:
-    """Seconds from each publish to the provider's first acceptance of its key."""
+def topic_of(record: dict[str, Any]) -> str:
+    return f"{record['ticker']}|{record['channel']}|{record['audience']}"
+
+
+@dataclass
+class Outcome:
+    """What the provider saw of one measurement's messages."""
+
+    accepted_at: dict[str, float]  # key → when first accepted
+    requests: int
+    duplicates: int  # requests for a key already accepted (409)
+    stale: int  # accepted with an older occurred_at than one already accepted for the topic
+    newest: dict[str, str]  # topic → newest accepted occurred_at
+
+    def lost(self, messages: Sequence[Published]) -> int:
+        """Neither accepted nor superseded by a newer accepted price of its topic."""
+        return sum(
+            1
+            for m in messages
+            if m.key not in self.accepted_at and self.newest.get(m.topic, "") <= m.occurred_at
+        )
+
+    def latencies(self, messages: Sequence[Published]) -> list[float]:
+        """Seconds from publish to acceptance, for those accepted."""
+        return [self.accepted_at[m.key] - m.sent_at for m in messages if m.key in self.accepted_at]
+
+
+def outcome(records: Sequence[dict[str, Any]]) -> Outcome:
     accepted: dict[str, float] = {}
-    for record in provider.requests:
-        if 200 <= record.status < 300:
-            accepted.setdefault(record.key, record.at)
-    return [
-        accepted[key] - at
-        for key, at in zip(map(key_of, bodies), sent_at, strict=True)
-        if key in accepted
-    ]
+    newest: dict[str, str] = {}
+    duplicates = stale = 0
+    for record in sorted(records, key=lambda r: int(r["seq"])):
+        if record["status"] == 409:
+            duplicates += 1
+        if not 200 <= record["status"] < 300:
+            continue
+        accepted.setdefault(record["key"], record["at"])
+        topic = topic_of(record)
+        if record["occurred_at"] < newest.get(topic, ""):
+            stale += 1
+        else:
+            newest[topic] = record["occurred_at"]
+    return Outcome(accepted, len(records), duplicates, stale, newest)
+
+
+# --- small things -------------------------------------------------------------------------
 
 
 async def wait_until(
@@ -182,49 +336,22 @@ async def wait_until(
     what: str,
     *,
     every: float = 0.2,
-    on_tick: Callable[[], Awaitable[None]] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    strict: bool = True,
 ) -> float:
-    """Poll ``done`` until true; the seconds it took. RuntimeError after ``timeout``."""
+    """Poll ``done`` until true; the seconds it took. After ``timeout``: RuntimeError, or
+    (``strict=False``) the seconds so far."""
     started = time.monotonic()
     while not await done():
         if on_tick is not None:
-            await on_tick()
+            on_tick()
         if time.monotonic() - started > timeout:
+            if not strict:
+                print(f"  timed out after {timeout:.0f} s waiting for {what}", flush=True)
+                return time.monotonic() - started
             raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(every)
     return time.monotonic() - started
-
-
-class Cost:
-    """CPU seconds and resident memory of a set of processes, sampled over a run."""
-
-    def __init__(self, pids: Iterable[int]) -> None:
-        self._processes = [psutil.Process(pid) for pid in pids]
-        self._cpu_start = self._cpu()
-        self.started = time.monotonic()
-        self.rss_samples: list[tuple[float, float]] = []  # (seconds, MB summed)
-
-    def _cpu(self) -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in self._processes)
-
-    def sample(self) -> None:
-        rss = sum(p.memory_info().rss for p in self._processes) / 2**20
-        self.rss_samples.append((time.monotonic() - self.started, rss))
-
-    async def sample_tick(self) -> None:
-        self.sample()
-
-    def cpu_seconds(self) -> float:
-        return self._cpu() - self._cpu_start
-
-    def peak_rss_mb(self) -> float:
-        """Peak of any one process's resident set (VmHWM), in MB."""
-        peaks = []
-        for process in self._processes:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
-            peaks.append(int(kb) / 1024)
-        return max(peaks)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -243,39 +370,14 @@ def write_json(name: str, data: object) -> Path:
     return path
 
 
-def fast_provider() -> DemoProvider:
-    """The benchmarks' provider, in this process, without a log line per request."""
-    logging.getLogger("worker.tooling.demo_provider").setLevel(logging.WARNING)
-    return DemoProvider(latency_ms=PROVIDER_LATENCY_MS)
-
-
 def medians(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The median of each numeric figure; other fields from the first sample."""
-    return {
-        key: statistics.median(s[key] for s in samples) if isinstance(value, int | float) else value
-        for key, value in samples[0].items()
-    }
-
-
-async def repeated(
-    runs: int, measure: Callable[[DemoProvider], Awaitable[dict[str, Any]]]
-) -> dict[str, Any]:
-    """``measure`` ``runs`` times against one fast provider; each run's figures and the medians."""
-    samples = []
-    async with fast_provider() as provider:
-        for run in range(runs):
-            provider.reset()
-            figures = await measure(provider)
-            samples.append(figures)
-            print(f"  run {run + 1}: {figures}", flush=True)
-    return {"median": medians(samples), "runs": samples}
-
-
-def fast_retries(max_seconds: int) -> dict[str, str]:
-    """Worker settings for the outage scenarios: backoff from 1 s, capped, never exhausted."""
-    return {
-        "WORKER_BACKOFF": "exponential_jitter",
-        "WORKER_BACKOFF_BASE_SECONDS": "1",
-        "WORKER_BACKOFF_MAX_SECONDS": str(max_seconds),
-        "WORKER_MAX_ATTEMPTS": "100",
-    }
+    """The median of each numeric figure (NaN-free ones); other fields from the first sample."""
+    out: dict[str, Any] = {}
+    for key, value in samples[0].items():
+        numbers = [s[key] for s in samples if isinstance(s.get(key), int | float)]
+        if isinstance(value, int | float) and not isinstance(value, bool) and numbers:
+            with contextlib.suppress(statistics.StatisticsError):
+                out[key] = statistics.median(numbers)
+                continue
+        out[key] = value
+    return out

@@ -1,4 +1,4 @@
-"""The benchmarks' figure: one PNG with a panel per scenario, drawn from the results dict."""
+"""One picture per scenario comparing the systems, drawn from the results dict."""
 
 from __future__ import annotations
 
@@ -11,48 +11,83 @@ matplotlib.use("Agg")  # no screen: draw to a file
 
 import matplotlib.pyplot as plt
 
+COLOURS = {"worker": "tab:blue", "dramatiq": "tab:orange", "celery": "tab:green"}
+CPU_GROUPS = ("system", "broker", "postgres", "provider", "publisher")
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    figure, ((steady, recovery), (partial, backlog)) = plt.subplots(2, 2, figsize=(12, 8))
 
-    medians = results["steady"]["medians"]
-    names = list(medians)
-    steady.bar(names, [medians[n]["msgs_per_s"] for n in names], color="tab:blue")
-    for x, name in enumerate(names):
-        ratio = medians[name]["vs_floor"]
-        steady.annotate(f"×{ratio:.2f} floor", (x, medians[name]["msgs_per_s"]), ha="center",
-                        va="bottom")  # fmt: skip
-    steady.set_title("steady: end-to-end messages/s (median)")
-    steady.set_ylabel("messages/s")
+def _cpu_panel(axis: Any, systems: dict[str, Any]) -> None:
+    """Stacked CPU seconds per 1,000 messages by process group."""
+    names = list(systems)
+    bottom = [0.0] * len(names)
+    for group in CPU_GROUPS:
+        values = [systems[n]["median"].get(f"cpu_{group}_per_1000", 0.0) for n in names]
+        axis.bar(names, values, bottom=bottom, label=group)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    axis.set_title("CPU s per 1,000 messages, by process")
+    axis.legend(fontsize="small")
 
-    rec = results["recovery_drain"]["median"]
-    labels = ["fresh p50", "fresh p99", "backlog drain"]
-    recovery.bar(labels, [rec["fresh_p50_s"], rec["fresh_p99_s"], rec["drain_s"]],
-                 color=["tab:green", "tab:green", "tab:gray"])  # fmt: skip
-    recovery.axhline(1.0, color="tab:red", linestyle="--", label="target: fresh p99 ≤ 1 s")
-    recovery.set_title(f"recovery_drain: {rec['backlog']:.0f} backlog, {rec['fresh']:.0f} fresh")
-    recovery.set_ylabel("seconds")
-    recovery.legend()
 
-    part = results["partial_outage"]["median"]
-    groups = ["steady p50", "steady p99", "outage p50", "outage p99"]
-    values = [part["baseline_p50_ms"], part["baseline_p99_ms"], part["healthy_p50_ms"],
-              part["healthy_p99_ms"]]  # fmt: skip
-    partial.bar(groups, values, color=["tab:blue", "tab:blue", "tab:orange", "tab:orange"])
-    partial.set_title(
-        f"partial_outage: healthy groups; {part['requests_per_delivered']:.2f} requests/delivered"
-    )
-    partial.set_ylabel("ms, publish → accepted")
+def _bars(axis: Any, systems: dict[str, Any], keys: list[tuple[str, str]], title: str) -> None:
+    names = list(systems)
+    width = 0.8 / max(len(keys), 1)
+    for index, (key, label) in enumerate(keys):
+        values = [systems[n]["median"].get(key) or 0.0 for n in names]
+        xs = [x + index * width for x in range(len(names))]
+        axis.bar(xs, values, width=width, label=label)
+    axis.set_xticks([x + width * (len(keys) - 1) / 2 for x in range(len(names))], names)
+    axis.set_title(title)
+    axis.legend(fontsize="small")
 
-    mem = results["backlog_memory"]
-    times = [t for t, _ in mem["rss_samples"]]
-    backlog.plot(times, [mb for _, mb in mem["rss_samples"]], color="tab:purple")
-    backlog.set_title(f"backlog memory: {mem['messages']} messages, growth "
-                      f"{mem['rss_growth_mb']:+.1f} MB")  # fmt: skip
-    backlog.set_xlabel("seconds into the drain")
-    backlog.set_ylabel("worker RSS, MB")
-    backlog.set_ylim(bottom=0)
 
+def plot_scenario(name: str, scenario: dict[str, Any], path: Path) -> None:
+    systems = scenario["systems"]
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = list(systems)
+    rates = [systems[n]["median"].get("msgs_per_s", 0.0) for n in names]
+    left.bar(names, rates, color=[COLOURS.get(n, "tab:gray") for n in names])
+    for x, n in enumerate(names):
+        if str(systems[n]["median"].get("bottleneck", "")).startswith("bench-bound"):
+            left.annotate("bench-bound", (x, rates[x]), ha="center", va="bottom")
+    left.set_title("messages/s (end to end)")
+    _cpu_panel(middle, systems)
+    if name == "backlog_memory":
+        for n in names:
+            samples = systems[n]["runs"][0].get("rss_samples") or []
+            right.plot([t for t, _ in samples], [mb for _, mb in samples], label=n,
+                       color=COLOURS.get(n))  # fmt: skip
+        right.set_xlabel("seconds into the drain")
+        right.set_ylabel("RSS of the system's processes, MB")
+        right.set_ylim(bottom=0)
+        right.legend()
+        right.set_title("memory over the drain")
+    elif "recovery_to_last_backlog_s" in systems[names[0]]["median"]:
+        keys = [("fresh_p50_ms", "fresh p50 ms"), ("fresh_p99_ms", "fresh p99 ms")]
+        if "healthy_p50_ms" in systems[names[0]]["median"]:
+            keys = [("healthy_p50_ms", "healthy groups p50 ms"),
+                    ("healthy_p99_ms", "healthy groups p99 ms")]  # fmt: skip
+        _bars(right, systems, keys, "latency, publish → provider accepted")
+        right.set_yscale("symlog")
+        twin = right.twinx()
+        twin.plot(names, [systems[n]["median"].get("recovery_to_last_backlog_s") or 0.0
+                          for n in names], "kD", label="recovery → last backlog s")  # fmt: skip
+        twin.set_ylabel("recovery → last backlog message, s")
+        twin.set_ylim(bottom=0)
+    elif "p50_ms" in systems[names[0]]["median"]:
+        _bars(right, systems, [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")],
+              "latency, publish → provider accepted")  # fmt: skip
+    else:
+        _bars(right, systems, [("peak_rss_mb", "peak RSS MB")], "peak RSS of the system, MB")
+    figure.suptitle(f"{name}: {scenario['about']} ({scenario['messages']} messages)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def plot(results: dict[str, Any], directory: Path, prefix: str = "") -> list[Path]:
+    paths = []
+    for name, scenario in results["scenarios"].items():
+        if scenario["systems"]:
+            path = directory / f"{prefix}{name}.png"
+            plot_scenario(name, scenario, path)
+            paths.append(path)
+    return paths

@@ -4,9 +4,9 @@ A batcher has one statement in flight at a time, so it keeps one connection of t
 pool for itself and runs its statement on the asyncpg connection underneath, without a pool
 checkout and SQLAlchemy's execution layer around every call (measured here: about 100 µs of
 CPU per statement instead of about 500). Errors come out as SQLAlchemy's, as from any other
-statement of the store: the database's refusal of the statement as ``DataError``,
-``IntegrityError`` or ``ProgrammingError``, anything else (the connection, the server) as
-``OperationalError``, after which the connection is dropped and the next call takes a new one.
+statement of the store, with the SQLSTATE in ``orig``; what each means is
+:mod:`worker.db_errors`' to say. After an outage-kind error the connection is dropped and the
+next call takes a new one; after the refusal of one statement (its data, a lost race) it is kept.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-# SQLSTATE classes of a statement the database refused; the connection is still good.
-_STATEMENT_CLASSES: dict[str, type[DBAPIError]] = {
-    "22": DataError,
-    "23": IntegrityError,
-    "42": ProgrammingError,
+from worker import db_errors
+from worker.db_errors import DbErrorKind
+
+_TRANSLATED: dict[DbErrorKind, type[DBAPIError]] = {
+    DbErrorKind.DATA: DataError,
+    DbErrorKind.STATEMENT: ProgrammingError,
+    DbErrorKind.RETRY: OperationalError,
+    DbErrorKind.OUTAGE: OperationalError,
 }
 # The batched statements find every row by its key. On a table the planner has no statistics
 # for yet (new, or growing fast) it prefers hash joins over sequential scans, a scan of the
@@ -33,19 +36,11 @@ _KEY_LOOKUPS_ONLY = (
 # Refusals asyncpg makes before a statement leaves: the connection is closed, or the server's
 # FATAL (pg_terminate_backend, a restart) was read while it was idle and its loss not yet.
 _NOT_SENT = (asyncpg.InterfaceError, asyncpg.InternalClientError)
-DEADLOCK = "40P01"  # also leaves the connection good: the statement is simply run again
-_DEADLOCK_ATTEMPTS = 3
 
 
 def translate(error: BaseException, statement: str) -> DBAPIError:
-    sqlstate = str(getattr(error, "sqlstate", "") or "")
-    kind = _STATEMENT_CLASSES.get(sqlstate[:2], OperationalError)
+    kind = _TRANSLATED[db_errors.classify(error)]
     return kind(statement, None, error)
-
-
-def keeps_connection(error: BaseException) -> bool:
-    sqlstate = str(getattr(error, "sqlstate", "") or "")
-    return sqlstate == DEADLOCK or sqlstate[:2] in _STATEMENT_CLASSES
 
 
 class BatchConnection:
@@ -57,17 +52,11 @@ class BatchConnection:
     async def fetch(self, statement: str, *args: object) -> list[Any]:
         """Run ``statement`` ($1, $2, … parameters); its rows (asyncpg records).
 
-        A statement PostgreSQL aborted to break a deadlock changed nothing and is run again:
-        two replicas' batches can deadlock, despite their sorted rows, on rows of two tables.
+        A statement PostgreSQL aborted to break a deadlock (or a serialisation failure) changed
+        nothing and is run again: two replicas' batches can deadlock, despite their sorted
+        rows, on rows of two tables.
         """
-        attempt = 1
-        while True:
-            try:
-                return await self._fetch(statement, args)
-            except OperationalError as exc:
-                if getattr(exc.orig, "sqlstate", None) != DEADLOCK or attempt >= _DEADLOCK_ATTEMPTS:
-                    raise
-                attempt += 1
+        return await db_errors.retrying(lambda: self._fetch(statement, args))
 
     async def _fetch(self, statement: str, args: tuple[object, ...]) -> list[Any]:
         try:
@@ -94,7 +83,7 @@ class BatchConnection:
         except _NOT_SENT:
             raise
         except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
-            if not keeps_connection(exc):
+            if not db_errors.keeps_connection(exc):
                 await self._drop()
             raise translate(exc, statement) from exc
 

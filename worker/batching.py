@@ -4,8 +4,11 @@ While a batch is at the database, the calls that arrive wait together and go as 
 batch. With one message in flight a call runs at once, alone; under load each round trip
 carries as many rows as there are messages at that step, so the per-statement cost (a round
 trip, a commit, the driver's and SQLAlchemy's work) is paid once per batch instead of once per
-message. Each batch is one statement: it commits or fails as a whole, and a failure reaches
-every caller in it.
+message. Each batch is one statement: it commits or fails as a whole. A failure that one item
+may be to blame for (``isolate`` says which: for the store, the database refusing a row's
+data) is not handed to the whole batch: the batch is split in halves and each half run again,
+down to the one item that fails on its own, so that one message's bad data fails no other
+message; any other failure reaches every caller of the batch.
 """
 
 from __future__ import annotations
@@ -30,10 +33,17 @@ class Batcher(Generic[Item, Result]):
     so that the statement's throughput is not one commit at a time.
     """
 
-    def __init__(self, run: BatchRunner[Item, Result], max_size: int, lanes: int = 1) -> None:
+    def __init__(
+        self,
+        run: BatchRunner[Item, Result],
+        max_size: int,
+        lanes: int = 1,
+        isolate: Callable[[Exception], bool] | None = None,
+    ) -> None:
         if max_size < 1 or lanes < 1:
             raise ValueError("max_size and lanes must be at least 1")
         self._run = run
+        self._isolate = isolate
         self._max_size = max_size
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._free_lanes = list(range(lanes))
@@ -67,6 +77,11 @@ class Batcher(Generic[Item, Result]):
             self._waiting.clear()
             raise
         except Exception as exc:  # noqa: BLE001 — handed to every caller, who handles it
+            if len(batch) > 1 and self._isolate is not None and self._isolate(exc):
+                middle = len(batch) // 2
+                await self._run_batch(batch[:middle], lane)
+                await self._run_batch(batch[middle:], lane)
+                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)

@@ -17,7 +17,8 @@ success closes the partition, its failure opens it again for a longer break.
   paid) and *close* it at once.
 - When most partitions are open at once the provider itself is down (Envoy's
   ``max_ejection_percent`` reasoning, turned round): one failure then opens a partition, and at
-  most one probe is in flight across all partitions, so the fleet probes at a trickle.
+  most one probe is in flight across all partitions, so the fleet probes at a trickle; the
+  first probe that succeeds heals every partition the outage opened.
 
 Only transient failures (the ``retry`` verdict: timeouts, 5xx, 408/425/429) count; a 4xx that
 rejects one message says the provider is answering, and counts as a success.
@@ -68,6 +69,7 @@ class PartitionHealth:
     probe_token: uuid.UUID | None = None
     probe_until: datetime | None = None
     probed_at: datetime | None = None
+    healed_at: datetime | None = None  # when it last closed after being open
     last_error: str | None = None
 
     @property
@@ -186,20 +188,27 @@ def on_failure(
     return health
 
 
-def on_success(health: PartitionHealth, probe_token: uuid.UUID | None = None) -> PartitionHealth:
+def on_success(
+    health: PartitionHealth, now: datetime, probe_token: uuid.UUID | None = None
+) -> PartitionHealth:
     """The provider answered a send of this partition (accepted, duplicate, or rejected it).
 
     Only the probe closes an open partition: a send that was already in flight when it opened
     proves less than the probe the fleet agreed on.
     """
     if health.state is State.HALF_OPEN and probe_token == health.probe_token and not health.held:
-        return close(health)
+        return close(health, now)
     return replace(health, consecutive_failures=0)
 
 
-def close(health: PartitionHealth) -> PartitionHealth:
+def close(health: PartitionHealth, now: datetime) -> PartitionHealth:
     """Healthy now (a probe succeeded, or an operator says so): everything parked is released."""
-    return PartitionHealth(key=health.key)
+    return PartitionHealth(key=health.key, healed_at=now)
+
+
+def healed_since(health: PartitionHealth | None, moment: datetime) -> bool:
+    """Closed after having been open, later than ``moment``."""
+    return health is not None and health.healed_at is not None and health.healed_at > moment
 
 
 def hold(health: PartitionHealth, now: datetime) -> PartitionHealth:

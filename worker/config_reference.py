@@ -46,6 +46,7 @@ _TYPE_NAMES: dict[Any, str] = {
     int: "integer",
     float: "number",
     frozenset[int]: "statuses and ranges",
+    tuple[str, ...]: "comma-separated names",
     HttpUrl: "http(s) URL",
 }
 
@@ -85,6 +86,8 @@ def _default(field: FieldInfo) -> str:
         value = value.value
     elif isinstance(value, frozenset):
         value = _status_ranges(value)
+    elif isinstance(value, tuple):
+        value = ",".join(value)
     return _code(str(value))
 
 

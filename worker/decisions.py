@@ -47,9 +47,13 @@ def is_stale(occurred_at: datetime, watermark: datetime | None) -> bool:
     return watermark is not None and occurred_at < watermark
 
 
-def retry_delay(backoff_seconds: float, retry_after: float | None) -> float:
-    """A throttled answer is never retried before its ``Retry-After``."""
-    return backoff_seconds if retry_after is None else max(backoff_seconds, retry_after)
+def retry_delay(
+    backoff_seconds: float, retry_after: float | None, cap: float | None = None
+) -> float:
+    """A throttled answer is never retried before its ``Retry-After``, but a provider's
+    ``Retry-After`` of a year waits no longer than ``cap`` (WORKER_BACKOFF_MAX_SECONDS)."""
+    wait = backoff_seconds if retry_after is None else max(backoff_seconds, retry_after)
+    return wait if cap is None else min(wait, max(cap, backoff_seconds))
 
 
 class ClaimAction(StrEnum):

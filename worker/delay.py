@@ -14,17 +14,23 @@ with its priority and headers intact:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import aio_pika
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange
-from aiormq.exceptions import ConnectionCommandInvalid
+from aiormq.exceptions import ChannelPreconditionFailed, ConnectionCommandInvalid
 
 from worker.envelope import read_attempt
 from worker.settings import ENV_PREFIX, ConfigError, DelayBackendName, QueueType, Settings
 from worker.topology import Names, Topology, declare_queue, quorum_arguments
+
+log = structlog.get_logger("worker.delay")
 
 LEVELS = 28
 MAX_DELAY_SECONDS = 2**LEVELS - 1
@@ -46,6 +52,14 @@ def delay_routing_key(seconds: int, destination: str) -> str:
     """``5`` → ``0.0.…0.1.0.1.<destination>``: 28 binary words, most significant first."""
     bits = format(seconds, f"0{LEVELS}b")
     return ".".join((*bits, destination))
+
+
+def _whole(delay_seconds: float, per_second: int, most: int) -> int:
+    """The delay in whole units, rounded up (never early), within 0 … ``most``."""
+    units = delay_seconds * per_second
+    if not math.isfinite(units) or units >= most:
+        return most if units > 0 else 0
+    return max(math.ceil(units), 0)
 
 
 def _pattern(level: int, bit: str) -> str:
@@ -117,7 +131,8 @@ class TtlCascade:
         return cls(entry, topology)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
-        seconds = min(max(round(delay_seconds), 0), MAX_DELAY_SECONDS)
+        # rounded up: a Retry-After of 2.4 s is never retried after 2 s
+        seconds = _whole(delay_seconds, 1, MAX_DELAY_SECONDS)
         destination = self.topology.queue_for(read_attempt(message.headers))
         # mandatory: a cascade that is missing must raise, not swallow the retry
         await self.entry.publish(
@@ -144,11 +159,24 @@ class PluginDelay:
         return cls(exchange, topology)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
-        message.headers["x-delay"] = min(max(round(delay_seconds * 1000), 0), MAX_PLUGIN_DELAY_MS)
+        message.headers["x-delay"] = _whole(delay_seconds, 1000, MAX_PLUGIN_DELAY_MS)
         destination = self.topology.queue_for(read_attempt(message.headers))
         # Not mandatory: the plugin answers every delayed publish with a no-route return
         # although it delivers the message later.
         await self.exchange.publish(message, routing_key=destination, mandatory=False)
+
+
+@contextlib.contextmanager
+def _hushed_aiormq() -> Iterator[None]:
+    """The broker answers an unknown exchange type by closing the connection, which aiormq
+    logs as an error with a traceback: expected in a probe, so hushed for its lifetime."""
+    aiormq_log = logging.getLogger("aiormq.connection")
+    previous_level = aiormq_log.level
+    aiormq_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        aiormq_log.setLevel(previous_level)
 
 
 async def broker_has_plugin(amqp_url: str, names: Names) -> bool:
@@ -157,12 +185,12 @@ async def broker_has_plugin(amqp_url: str, names: Names) -> bool:
     An unknown exchange type is a connection-level error in AMQP 0-9-1, so the probe must not
     share the worker's connection.
     """
+    with _hushed_aiormq():
+        return await _declares_probe(amqp_url, names)
+
+
+async def _declares_probe(amqp_url: str, names: Names) -> bool:
     connection = await aio_pika.connect(amqp_url)
-    # The broker answers a missing plugin by closing the connection, which aiormq logs as an
-    # error with a traceback: expected here, so hush it for the probe's lifetime.
-    aiormq_log = logging.getLogger("aiormq.connection")
-    previous_level = aiormq_log.level
-    aiormq_log.setLevel(logging.CRITICAL)
     try:
         channel = await connection.channel(publisher_confirms=False)
         exchange = await channel.declare_exchange(
@@ -177,7 +205,36 @@ async def broker_has_plugin(amqp_url: str, names: Names) -> bool:
         return False
     finally:
         await connection.close()
-        aiormq_log.setLevel(previous_level)
+
+
+async def _retry_exchange_fits(amqp_url: str, names: Names, backend: DelayBackendName) -> bool:
+    """Can ``<queue>.retry`` be declared as ``backend`` declares it (False: it exists with
+    another type)? Asked on a
+    throwaway connection: the broker answers a mismatch by closing the channel (406
+    PRECONDITION_FAILED). An exchange that does not exist yet is declared, as it would be.
+    A broker without the plugin cannot declare its type at all (a connection error): no fit."""
+    with _hushed_aiormq():
+        return await _fits_probe(amqp_url, names, backend)
+
+
+async def _fits_probe(amqp_url: str, names: Names, backend: DelayBackendName) -> bool:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        if backend is DelayBackendName.PLUGIN:
+            await channel.declare_exchange(
+                names.retry,
+                "x-delayed-message",
+                durable=True,
+                arguments={"x-delayed-type": "direct"},
+            )
+        else:
+            await channel.declare_exchange(names.retry, aio_pika.ExchangeType.TOPIC, durable=True)
+        return True
+    except (ChannelPreconditionFailed, ConnectionCommandInvalid):
+        return False
+    finally:
+        await connection.close()
 
 
 async def declare_delay_backend(
@@ -187,16 +244,40 @@ async def declare_delay_backend(
     settings: Settings,
 ) -> DelayBackend:
     """Declare the chosen backend; ``auto`` takes the plugin when the broker has it, except
-    in quorum mode: the plugin keeps its delayed messages on one node, unreplicated."""
+    in quorum mode: the plugin keeps its delayed messages on one node, unreplicated.
+
+    ``auto`` keeps the backend the queue already has: a broker that gained the plugin since
+    ``<queue>.retry`` was declared for ``ttl`` (or lost it, the other way round) would
+    otherwise refuse the declaration on every start, and every replica would crash-loop.
+    """
     wanted = settings.delay_backend
     quorum = topology.queue_type is QueueType.QUORUM
     if wanted is DelayBackendName.TTL or (quorum and wanted is DelayBackendName.AUTO):
         return await TtlCascade.declare(channel, topology, settings)
-    if await broker_has_plugin(amqp_url, topology.names):
-        return await PluginDelay.declare(channel, topology)
+    has_plugin = await broker_has_plugin(amqp_url, topology.names)
     if wanted is DelayBackendName.PLUGIN:
-        raise ConfigError(
-            f"{ENV_PREFIX}DELAY_BACKEND: 'plugin' needs the broker's "
-            "rabbitmq_delayed_message_exchange plugin, which it has not; use 'ttl' or 'auto'"
+        if not has_plugin:
+            raise ConfigError(
+                f"{ENV_PREFIX}DELAY_BACKEND: 'plugin' needs the broker's "
+                "rabbitmq_delayed_message_exchange plugin, which it has not; use 'ttl' or 'auto'"
+            )
+        return await PluginDelay.declare(channel, topology)
+    choice = DelayBackendName.PLUGIN if has_plugin else DelayBackendName.TTL
+    if not await _retry_exchange_fits(amqp_url, topology.names, choice):
+        other = DelayBackendName.TTL if has_plugin else DelayBackendName.PLUGIN
+        if other is DelayBackendName.PLUGIN:
+            raise ConfigError(
+                f"{ENV_PREFIX}DELAY_BACKEND: {topology.names.retry} is an x-delayed-message "
+                "exchange but the broker no longer has the plugin; enable it, or delete the "
+                "exchange (retries waiting in it are lost) for the ttl backend"
+            )
+        log.warning(
+            "delay_backend_kept",
+            backend=other,
+            reason=f"{topology.names.retry} was declared for {other.value}; the broker now "
+            f"has the plugin, but auto keeps the existing exchange (delete it to switch)",
         )
+        choice = other
+    if choice is DelayBackendName.PLUGIN:
+        return await PluginDelay.declare(channel, topology)
     return await TtlCascade.declare(channel, topology, settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
@@ -24,7 +24,10 @@ class HealthServer:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
+        # prometheus-client's own handler: the OpenMetrics text format for a scraper that asks
+        # for it (Accept: application/openmetrics-text), else the classic text format; gzip
+        # when asked for.
+        app.router.add_get("/metrics", make_aiohttp_handler())
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         self._runner = web.AppRunner(app, access_log=None)
@@ -34,9 +37,6 @@ class HealthServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

@@ -1,7 +1,15 @@
 """The input message (SPEC §1): validation, the idempotency key and the topic key.
 
 Parsing is pure: it takes the raw body and the current time and either returns a
-:class:`PriceChange` or raises :class:`InvalidMessage` with a short reason.
+:class:`PriceChange` or raises :class:`InvalidMessage` with a short reason, and nothing else,
+whatever the bytes (a property test holds it to that).
+
+Which characters make a body invalid: a NUL (U+0000) or a surrogate code point (``"\ud800"``,
+legal JSON but not Unicode text) in any string of the body, known field or unknown, key or
+value. PostgreSQL stores neither in jsonb, and a surrogate cannot be encoded as UTF-8 for the
+provider, so such a message could be neither recorded nor sent faithfully. Every other
+character (other control characters, bidi marks, private use, non-characters) is sendable: it
+is stored as it came and JSON-escaped for the provider.
 """
 
 from __future__ import annotations
@@ -16,9 +24,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from worker.errors import describe_error
+from worker.storable import has_unstorable
+
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 _MAX_PRICE_EXPONENT = 30  # prices between 1e-30 and 1e31: no exotic exponents
 _MAX_PRICE_DIGITS = 64
+# Nesting deeper than this (in unknown fields) is refused: jsonb and every reader stay safe.
+MAX_NESTING = 32
 # RFC 3339 §5.6 date-time (T or space, Z or ±hh:mm; case-insensitive), stricter than ISO 8601.
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
@@ -49,8 +62,11 @@ def normalise_decimal(value: Decimal) -> str:
 
 
 def format_timestamp(value: datetime) -> str:
-    """UTC, microseconds, ``Z``: the form used in the idempotency key and sent to the provider."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds, ``Z``: the form used in the idempotency key and sent to the provider.
+
+    Four-digit years always (``strftime("%Y")`` writes year 1 as ``1``)."""
+    utc = value.astimezone(UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
 
 
 class PriceChange(BaseModel):
@@ -72,9 +88,14 @@ class PriceChange(BaseModel):
         if not isinstance(value, str) or not _RFC3339.match(value):
             raise ValueError("must be an RFC 3339 timestamp with a UTC offset")
         try:
-            return datetime.fromisoformat(value.upper())
+            parsed = datetime.fromisoformat(value.upper())
         except ValueError as exc:
             raise ValueError(f"must be a real date and time: {exc}") from exc
+        try:  # 0001-01-01T00:00:00+01:00 is a real time, but before the first UTC one
+            parsed.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is outside the years 1 to 9999 in UTC") from None
+        return parsed
 
     @cached_property
     def price_text(self) -> str:
@@ -128,28 +149,63 @@ def parse_message(
     """Validate a raw body. Decimals are parsed exactly, never through a float.
 
     A body over ``max_bytes`` is refused unparsed; a content type other than JSON is refused
-    (an absent one is tolerated).
+    (an absent one is tolerated). Raises :class:`InvalidMessage` and nothing else.
     """
+    try:
+        return _parse(body, now, content_type, max_bytes)
+    except InvalidMessage:
+        raise
+    except Exception as exc:
+        raise InvalidMessage(f"unreadable: {describe_error(exc, 200)}") from exc
+
+
+def _parse(
+    body: bytes, now: datetime, content_type: str | None, max_bytes: int | None
+) -> PriceChange:
     if max_bytes is not None and len(body) > max_bytes:
         raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     if content_type and content_type.split(";")[0].strip().lower() != "application/json":
-        raise InvalidMessage(f"content type {content_type!r} is not application/json")
+        raise InvalidMessage(f"content type {content_type[:100]!r} is not application/json")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"not UTF-8: {exc}") from exc
     try:
         data = json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidMessage(f"not JSON: nested deeper than {MAX_NESTING}") from None
     except ValueError as exc:
-        raise InvalidMessage(f"not JSON: {exc}") from exc
+        raise InvalidMessage(f"not JSON: {str(exc)[:200]}") from exc
     if not isinstance(data, dict):
         raise InvalidMessage(f"expected a JSON object, got {type(data).__name__}")
+    _check_strings(data)
     try:
         message = PriceChange.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidMessage(f"{where}: {first['msg']}") from exc
+        raise InvalidMessage(f"{where[:100]}: {first['msg'][:200]}") from exc
     if message.occurred_at - now > MAX_FUTURE_SKEW:
         raise InvalidMessage("occurred_at: more than 5 minutes in the future")
+    # computed here, so that nothing about the key can fail later
+    message.idempotency_key  # noqa: B018
+    message.stored_payload()
     return message
+
+
+def _check_strings(data: dict[str, Any]) -> None:
+    """No NUL or surrogate in any key or string, no nesting deeper than MAX_NESTING."""
+    pending: list[tuple[object, int, str]] = [(data, 1, "body")]
+    while pending:
+        value, depth, where = pending.pop()
+        if depth > MAX_NESTING:
+            raise InvalidMessage(f"{where}: nested deeper than {MAX_NESTING}")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if has_unstorable(key):
+                    raise InvalidMessage(f"{where}: a field name holds U+0000 or a surrogate")
+                pending.append((item, depth + 1, key[:50] if depth == 1 else where))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1, where) for item in value)
+        elif isinstance(value, str) and has_unstorable(value):
+            raise InvalidMessage(f"{where}: holds U+0000 or a surrogate code point")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from worker import __version__
 
 MESSAGES = Counter("notifications_messages_total", "Deliveries processed, by outcome", ["outcome"])
 RETRIES = Counter(
@@ -17,7 +21,7 @@ DELIVERY_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
 )
 PROVIDER_LATENCY = Histogram(
-    "notifications_provider_request_seconds",
+    "notifications_provider_request_duration_seconds",
     "Provider request duration, by status class (2xx, 4xx, 5xx, error)",
     ["status_class"],
 )
@@ -31,6 +35,12 @@ IN_FLIGHT = Gauge("notifications_in_flight", "Messages being processed by this r
 DELAY_BACKEND = Gauge(
     "notifications_delay_backend_info", "The delay backend in use (value 1)", ["backend"]
 )
+BUILD_INFO = Gauge(
+    "notifications_build_info",
+    "The worker's version and the Python it runs on (value 1)",
+    ["version", "python"],
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 
 def status_class(status: int | None) -> str:
@@ -62,7 +72,7 @@ PARKED = Gauge(
     "Messages parked in PostgreSQL, by partition (counted every few seconds)",
     ["partition"],
 )
-RELEASED = Counter(
+RELEASED_MESSAGES = Counter(
     "notifications_released_total", "Parked messages released back to the work queue"
 )
 

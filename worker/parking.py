@@ -21,7 +21,9 @@ twice), publish them publisher-confirmed to the work queue and delete them:
   winning the probe for the fleet: a partition whose messages are all parked is still probed.
 
 A crash between a release's publish and its commit leaves the rows to be released again: the
-copies find their keys finished or leased, as any redelivered message does.
+copies find their keys finished or leased, as any redelivered message does. For the same reason
+a key may be parked twice (a released copy parked again before the release committed, a
+redelivery): every row is kept, never merged, and the claim sends the key once.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ from worker.batch_connection import BatchConnection
 from worker.batching import Batcher
 from worker.breaker import Admission
 from worker.decisions import priority_for
-from worker.envelope import PROBE
-from worker.metrics import PARKED, RELEASED
+from worker.envelope import NOT_BEFORE, PROBE, RELEASED, SCHEDULED_AT
+from worker.errors import describe_error
+from worker.metrics import PARKED, RELEASED_MESSAGES
 from worker.partitions import REFRESH_SECONDS, PartitionBoard
+from worker.storable import clean_text
 
 log = structlog.get_logger("worker.parking")
 
@@ -65,7 +69,6 @@ _PARK = """
                          CAST($4 AS bytea[]), CAST($5 AS bytea[]), CAST($6 AS text[]),
                          CAST($7 AS timestamptz[]), CAST($8 AS timestamptz[]),
                          CAST($9 AS timestamptz[]))
-    ON CONFLICT (idempotency_key) DO NOTHING
 """
 # The distinct partitions with parked rows, by a walk of the index (one probe per partition).
 _PARKED_PARTITIONS = text(
@@ -161,7 +164,10 @@ class ParkingLot:
             [r.attempt for r in rows],
             [r.message.body for r in rows],
             [encode_headers(dict(r.message.headers)) for r in rows],
-            [r.message.content_type for r in rows],
+            [
+                None if r.message.content_type is None else clean_text(r.message.content_type)
+                for r in rows
+            ],
             [r.occurred_at for r in rows],
             [r.due_at for r in rows],
             [r.expires_at for r in rows],
@@ -183,7 +189,7 @@ class ParkingLot:
                 aio_pika.exceptions.ChannelInvalidStateError,
             ) as exc:
                 # the replica's gate and reconnects deal with outages; try again next tick
-                log.warning("release_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                log.warning("release_failed", error=describe_error(exc))
             tick += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REFRESH_SECONDS)
@@ -212,10 +218,12 @@ class ParkingLot:
             if board.admit(key, None) is not Admission.PROBE:
                 continue
             token = await board.take_probe(key)
-            if token is not None:
-                await self._release(_TAKE_PROBE, {"key": key}, publish, token)
+            if token is not None and not await self._release(
+                _TAKE_PROBE, {"key": key}, publish, token
+            ):
+                await board.abandon_probe(key, token)  # its rows were taken meanwhile
         if released:
-            RELEASED.inc(released)
+            RELEASED_MESSAGES.inc(released)
             log.info("released", count=released, partitions=len(sendable))
         return released
 
@@ -233,6 +241,9 @@ class ParkingLot:
     def _message(self, row: Any, probe: uuid.UUID | None) -> aio_pika.Message:
         headers = decode_headers(row.headers)
         headers.pop(PROBE, None)
+        for name in (NOT_BEFORE, SCHEDULED_AT):  # released: due now, whatever its backoff
+            headers.pop(name, None)
+        headers[RELEASED] = True
         if probe is not None:
             headers[PROBE] = str(probe)
         return aio_pika.Message(

@@ -36,11 +36,13 @@ _STATE_VALUE = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
 _COLUMNS = (
     "partition_key, state, held, consecutive_failures, trips, opened_at, open_until, "
-    "probe_token, probe_until, probed_at, last_error"
+    "probe_token, probe_until, probed_at, healed_at, last_error"
 )
 _SELECT_UNHEALTHY = text(
     f"SELECT {_COLUMNS} FROM partition_health "
     "WHERE state <> 'closed' OR held OR consecutive_failures > 0"
+    # healed lately: a retry that was on its way meanwhile is sent at once
+    " OR healed_at > now() - interval '1 hour'"
 )
 _ENSURE = text("INSERT INTO partition_health (partition_key) VALUES (:key) ON CONFLICT DO NOTHING")
 _SELECT_ONE = f"SELECT {_COLUMNS}, now() AS now FROM partition_health WHERE partition_key = :key"
@@ -51,6 +53,7 @@ _WRITE = text(
     SET state = :state, held = :held, consecutive_failures = :consecutive_failures,
         trips = :trips, opened_at = :opened_at, open_until = :open_until,
         probe_token = :probe_token, probe_until = :probe_until, probed_at = :probed_at,
+        healed_at = :healed_at,
         last_error = :last_error,
         changed_at = now()
     WHERE partition_key = :key
@@ -61,10 +64,21 @@ _WRITE = text(
 _DUE_NOW = text(
     "UPDATE parked_messages SET due_at = now() WHERE partition_key = :key AND due_at > now()"
 )
-# ... and in a provider-wide outage, the provider is back: every open partition's break ends.
-_BREAKS_OVER = text(
-    "UPDATE partition_health SET open_until = now() "
-    "WHERE state = 'open' AND NOT held AND open_until > now()"
+# ... and in a provider-wide outage, the provider is back: every partition it opened heals
+# with it (one still broken opens again after its failures), and all their rows are due.
+_ALL_HEALED = text(
+    """
+    WITH healed AS (
+        UPDATE partition_health
+        SET state = 'closed', consecutive_failures = 0, trips = 0, opened_at = NULL,
+            open_until = NULL, probe_token = NULL, probe_until = NULL, healed_at = now(),
+            changed_at = now()
+        WHERE state <> 'closed' AND NOT held
+        RETURNING partition_key
+    )
+    UPDATE parked_messages SET due_at = now()
+    WHERE due_at > now() AND partition_key IN (SELECT partition_key FROM healed)
+    """
 )
 
 
@@ -80,6 +94,7 @@ def _health(row: Any) -> PartitionHealth:
         probe_token=row.probe_token,
         probe_until=row.probe_until,
         probed_at=row.probed_at,
+        healed_at=row.healed_at,
         last_error=row.last_error,
     )
 
@@ -115,13 +130,14 @@ async def transition(
             "probe_token": after.probe_token,
             "probe_until": after.probe_until,
             "probed_at": after.probed_at,
+            "healed_at": after.healed_at,
             "last_error": after.last_error,
         },
     )
     if after.healthy and not (before.state is State.CLOSED and not before.held):
         await conn.execute(_DUE_NOW, {"key": key})
         if provider_outage:
-            await conn.execute(_BREAKS_OVER)
+            await conn.execute(_ALL_HEALED)
     return before, after
 
 
@@ -183,6 +199,11 @@ class PartitionBoard:
         now = time.monotonic()
         in_use = sum(1 for seen in self._in_use.values() if now - seen < _IN_USE_SECONDS)
         return breaker.provider_outage(self._states.values(), in_use, self.config)
+
+    @property
+    def enabled(self) -> bool:
+        """``WORKER_BREAKER_FAILURES=0`` turns partition health off."""
+        return self.config.failures > 0
 
     def admit(self, key: str, probe_token: uuid.UUID | None) -> Admission:
         self._in_use[key] = time.monotonic()
@@ -251,6 +272,8 @@ class PartitionBoard:
         retry_after: float | None,
         probe_token: uuid.UUID | None,
     ) -> PartitionHealth:
+        if not self.enabled:
+            return PartitionHealth(key=key)
         outage = self.provider_outage()
         if probe_token is not None:
             PROBES.labels("failed").inc()
@@ -271,16 +294,20 @@ class PartitionBoard:
 
     async def report_success(self, key: str, probe_token: uuid.UUID | None) -> None:
         """Nothing to write for a partition the view holds healthy: the hot path stays free."""
+        if not self.enabled:
+            return
         if probe_token is not None:
             PROBES.labels("succeeded").inc()
-        elif key not in self._states:
-            return
+        else:
+            health = self._states.get(key)
+            if health is None or health.healthy:
+                return
         await self.change(
-            key, lambda health, now: breaker.on_success(health, probe_token), "probe succeeded"
+            key, lambda health, now: breaker.on_success(health, now, probe_token), "probe succeeded"
         )
 
     async def hold(self, key: str) -> PartitionHealth:
         return await self.change(key, lambda health, now: breaker.hold(health, now), "operator")
 
     async def close(self, key: str) -> PartitionHealth:
-        return await self.change(key, lambda health, now: breaker.close(health), "operator")
+        return await self.change(key, lambda health, now: breaker.close(health, now), "operator")

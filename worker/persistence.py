@@ -10,6 +10,8 @@ an idempotency key is never sent twice at once and an older price never overtake
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -20,23 +22,17 @@ from typing import Any, Protocol
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import (
-    DataError,
-    IntegrityError,
-    ProgrammingError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import Boolean, DateTime, Integer, LargeBinary
 
+from worker import db_errors
 from worker.batch_connection import BatchConnection
 from worker.batching import Batcher
 from worker.decisions import ClaimState
 from worker.message import PriceChange
 from worker.schema import SCHEMA_REVISION
-
-# Errors of a statement or of its data, not of the database's reachability.
-STATEMENT_ERRORS = (ProgrammingError, IntegrityError, DataError)
+from worker.storable import MAX_TEXT_CHARS, storable_json, storable_text
 
 
 class SchemaMismatch(RuntimeError):
@@ -54,7 +50,8 @@ def _json_default(value: object) -> object:
 
 
 def dumps(value: object) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"))
+    # allow_nan=False: NaN is not JSON and jsonb refuses it; such a value is a data error
+    return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
 
 
 def create_engine(url: str, pool_size: int) -> AsyncEngine:
@@ -208,7 +205,7 @@ _MARK_SUPERSEDED = text(
 
 _DEAD_LETTER_COLUMNS = """
     (idempotency_key, reason, payload, content_type, routing_key, headers,
-     ticker, channel, audience, attempts, last_error, first_seen_at)
+     ticker, channel, audience, attempts, last_error, first_seen_at, sanitised, delivery_hash)
 """
 
 _DEAD_LETTER_DELIVERY = text(
@@ -230,7 +227,8 @@ _DEAD_LETTER_DELIVERY = text(
     )
     INSERT INTO dead_letters {_DEAD_LETTER_COLUMNS}
     SELECT idempotency_key, :reason, :body, :content_type, :routing_key, :headers,
-           :ticker, :channel, :audience, :attempts, :last_error, :first_seen_at
+           :ticker, :channel, :audience, :attempts, :last_error, :first_seen_at,
+           :sanitised, :delivery_hash
     FROM delivery
     RETURNING id
     """
@@ -238,6 +236,7 @@ _DEAD_LETTER_DELIVERY = text(
     bindparam("payload", type_=JSONB),
     bindparam("headers", type_=JSONB),
     bindparam("body", type_=LargeBinary),
+    bindparam("delivery_hash", type_=LargeBinary),
     bindparam("first_seen_at", type_=DateTime(timezone=True)),
     bindparam("occurred_at", type_=DateTime(timezone=True)),
     bindparam("provider_status", type_=Integer),
@@ -245,24 +244,25 @@ _DEAD_LETTER_DELIVERY = text(
 )
 
 # An invalid body has no idempotency key. A copy the broker redelivers (its first delivery
-# died between this insert and the ack) finds the row of the same bytes and adds none; a first
-# delivery is always recorded.
+# died between this insert and the ack) finds the row of its first delivery by the delivery's
+# hash (its bytes, properties and headers: see RawMessage.delivery_hash), through an index
+# and only among the last day's rows, and adds none; a first delivery is always recorded.
 _DEAD_LETTER_INVALID = text(
     f"""
     INSERT INTO dead_letters {_DEAD_LETTER_COLUMNS}
     SELECT NULL, 'invalid', :body, :content_type, :routing_key, :headers,
-           NULL, NULL, NULL, :attempts, :last_error, :first_seen_at
+           NULL, NULL, NULL, :attempts, :last_error, :first_seen_at, :sanitised, :delivery_hash
     WHERE NOT (:redelivered AND EXISTS (
         SELECT 1 FROM dead_letters
-        WHERE reason = 'invalid' AND idempotency_key IS NULL AND payload = :body
-          AND content_type IS NOT DISTINCT FROM :content_type
-          AND routing_key IS NOT DISTINCT FROM :routing_key
+        WHERE delivery_hash = :delivery_hash AND reason = 'invalid'
+          AND dead_at > now() - interval '1 day'
     ))
     RETURNING id
     """
 ).bindparams(
     bindparam("headers", type_=JSONB),
     bindparam("body", type_=LargeBinary),
+    bindparam("delivery_hash", type_=LargeBinary),
     bindparam("redelivered", type_=Boolean),
     bindparam("first_seen_at", type_=DateTime(timezone=True)),
 )
@@ -278,6 +278,26 @@ class RawMessage:
     headers: dict[str, Any]
     first_seen_at: datetime
     redelivered: bool = False  # the broker delivered it before, unacked
+    sanitised: tuple[str, ...] = ()  # what was made storable on the way (e.g. "headers")
+    message_id: str | None = None
+    timestamp: datetime | None = None
+
+    def delivery_hash(self) -> bytes:
+        """SHA-256 of what the broker delivered: bytes, properties and headers. Two copies of
+        one publish (a redelivery) share it; two publishes of the same bytes differ whenever
+        their publisher sets a message id or a timestamp, or their routing or headers differ."""
+        digest = hashlib.sha256()
+        for part in (
+            self.body,
+            str(self.content_type).encode("utf-8", "replace"),
+            str(self.routing_key).encode("utf-8", "replace"),
+            str(self.message_id).encode("utf-8", "replace"),
+            str(self.timestamp).encode(),
+            json.dumps(self.headers, sort_keys=True, default=str).encode("utf-8", "replace"),
+        ):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        return digest.digest()
 
 
 # a placeholder in a results list about to be filled
@@ -348,10 +368,14 @@ class DeliveryStore:
 
     def __init__(self, engine: AsyncEngine, batch_size: int = 64) -> None:
         self.engine = engine
-        self._read_states = Batcher(self._read_states_batch, batch_size, self.LANES)
-        self._take_leases = Batcher(self._take_leases_batch, batch_size, self.LANES)
-        self._mark_sent = Batcher(self._mark_sent_batch, batch_size, self.LANES)
-        self._record_failures = Batcher(self._record_failures_batch, batch_size, self.LANES)
+        # A batch the database refused for one row's data is split until that row fails alone.
+        isolate = db_errors.is_data_error
+        self._read_states = Batcher(self._read_states_batch, batch_size, self.LANES, isolate)
+        self._take_leases = Batcher(self._take_leases_batch, batch_size, self.LANES, isolate)
+        self._mark_sent = Batcher(self._mark_sent_batch, batch_size, self.LANES, isolate)
+        self._record_failures = Batcher(
+            self._record_failures_batch, batch_size, self.LANES, isolate
+        )
         self._read_states_lanes = self._pin()
         self._take_leases_lanes = self._pin()
         self._mark_sent_lanes = self._pin()
@@ -394,6 +418,11 @@ class DeliveryStore:
             )
 
     async def _execute(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """One statement on a pool connection; one that lost a race (a deadlock, a
+        serialisation failure: it changed nothing) is run again, a few times."""
+        return await db_errors.retrying(lambda: self._execute_once(statement, params))
+
+    async def _execute_once(self, statement: Any, params: dict[str, Any]) -> list[Any]:
         async with self.engine.connect() as conn:
             result = await conn.execute(statement, params)
             return list(result.fetchall()) if result.returns_rows else []
@@ -520,6 +549,9 @@ class DeliveryStore:
         provider_status: int | None,
     ) -> int | None:
         """End a valid message as dead. None: the key was already finished, nothing written."""
+        last_error, error_changed = storable_text(last_error)
+        payload, payload_changed = storable_json(message.stored_payload())
+        raw = _with_sanitised(raw, error_changed, payload_changed)
         rows = await self._execute(
             _DEAD_LETTER_DELIVERY,
             {
@@ -527,7 +559,7 @@ class DeliveryStore:
                 "key": message.idempotency_key,
                 "topic": message.topic_key,
                 "occurred_at": message.occurred_at,
-                "payload": message.stored_payload(),
+                "payload": payload,
                 "token": token,
                 "provider_status": provider_status,
                 "maybe_delivered": provider_status is None,
@@ -546,6 +578,8 @@ class DeliveryStore:
     ) -> int | None:
         """Keep an invalid body's raw bytes with the reason it was refused. None: a
         redelivered copy of a body already recorded, nothing written."""
+        last_error, error_changed = storable_text(last_error)
+        raw = _with_sanitised(raw, error_changed, False)
         rows = await self._execute(
             _DEAD_LETTER_INVALID,
             {
@@ -558,11 +592,30 @@ class DeliveryStore:
         return int(rows[0].id) if rows else None
 
 
+def _with_sanitised(raw: RawMessage, last_error: bool, payload: bool) -> RawMessage:
+    extra = (("last_error",) if last_error else ()) + (("payload",) if payload else ())
+    return dataclasses.replace(raw, sanitised=raw.sanitised + extra) if extra else raw
+
+
 def _raw_params(raw: RawMessage) -> dict[str, Any]:
+    """The raw message's columns: the body's bytes exact, its text made storable."""
+    sanitised = list(raw.sanitised)
+    columns: dict[str, str | None] = {}
+    for name, value in (("content_type", raw.content_type), ("routing_key", raw.routing_key)):
+        if value is None:
+            columns[name] = None
+            continue
+        columns[name], changed = storable_text(value, MAX_TEXT_CHARS)
+        if changed:
+            sanitised.append(name)
+    headers, changed = storable_json(raw.headers)  # idempotent when already storable
+    if changed and "headers" not in sanitised:
+        sanitised.append("headers")
     return {
         "body": raw.body,
-        "content_type": raw.content_type,
-        "routing_key": raw.routing_key,
-        "headers": raw.headers,
+        **columns,
+        "headers": headers if isinstance(headers, dict) else {},
         "first_seen_at": raw.first_seen_at,
+        "sanitised": ",".join(sanitised) or None,
+        "delivery_hash": raw.delivery_hash(),
     }

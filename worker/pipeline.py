@@ -5,13 +5,17 @@ topic in PostgreSQL → stale? → call the provider → classify the answer →
 breaker → record the outcome → ack, always last. A retry is published, publisher-confirmed, to
 the delay backend before the original is acked, unless its partition is failing as a whole:
 then it is parked until the partition heals or its backoff is over. A dead letter or a parked
-message is committed before the ack. Any error of the broker or the database propagates to the
-replica, which returns the message unacked: it is then still on the queue, never lost.
+message is committed before the ack. An error of the broker or an outage of the database
+propagates to the replica, which returns the message unacked: it is then still on the queue,
+never lost. A database refusing this message's data (:mod:`worker.db_errors`: SQLSTATE classes
+22, 23, 54) is not an outage and not a reason to try again: the message is dead-lettered
+``invalid`` on its own, with its exact bytes and its text made storable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -20,6 +24,7 @@ from enum import StrEnum
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from worker import breaker, db_errors
 from worker.backoff import delay_seconds
 from worker.breaker import Admission, PartitionHealth, State
 from worker.decisions import (
@@ -31,7 +36,8 @@ from worker.decisions import (
     retry_delay,
 )
 from worker.delay import DelayBackend
-from worker.envelope import IGNORE_MAX_AGE, Delivery, read_probe
+from worker.envelope import RELEASED, Delivery, read_not_before, read_probe
+from worker.errors import describe_error
 from worker.message import InvalidMessage, PriceChange, parse_message
 from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES, RETRIES
 from worker.parking import Parked, ParkingLot
@@ -48,6 +54,11 @@ log = structlog.get_logger("worker.pipeline")
 _LOCAL_WAIT_SECONDS = 1.0
 _MAX_DEFER_SECONDS = 5.0
 _CLAIM_ROUNDS = 20
+# A retry's first hop in the delay backend lasts at most this many maximal breaks: long enough
+# for its partition to open if it is failing as a whole, short enough to be released with it.
+_HOP_BREAKS = 5
+# A retry back from its hop less than this early is sent (the TTL cascade rounds to seconds).
+_EARLY_TOLERANCE_SECONDS = 1.0
 
 
 class Outcome(StrEnum):
@@ -91,15 +102,62 @@ class Pipeline:
 
     async def handle(self, incoming: AbstractIncomingMessage) -> Outcome:
         """Process one delivery to its end; returns the outcome. Acks only when finished."""
-        delivery = Delivery.of(incoming)
-        outcome = await self._process(delivery)
+        fresh = incoming.exchange == self.settings.source_exchange
+        delivery = Delivery.of(incoming, fresh=fresh)
+        token = uuid.uuid4()
+        try:
+            outcome = await self._process(delivery, token)
+        except Exception as exc:
+            if not db_errors.is_data_error(exc):
+                raise
+            outcome = await self._refused(delivery, token, exc)
         await incoming.ack()
         MESSAGES.labels(outcome.value).inc()
         if outcome in DEAD_OUTCOMES:
             DEAD_LETTERS.labels(outcome.value).inc()
         return outcome
 
-    async def _process(self, delivery: Delivery) -> Outcome:
+    async def _refused(self, delivery: Delivery, token: uuid.UUID, error: Exception) -> Outcome:
+        """The database refused this message's data: finish it alone, dead-lettered
+        ``invalid`` (its lease released), with whatever it carries made storable; if even
+        that is refused, as an invalid body without its headers."""
+        state = db_errors.sqlstate(error) or "no SQLSTATE"
+        cause = getattr(error, "orig", None) or error
+        reason = f"the database refused the message's data ({state}): {describe_error(cause)}"
+        raw = delivery.raw()
+        try:
+            message = parse_message(delivery.incoming.body, delivery.received_at)
+        except InvalidMessage:
+            message = None
+        dead_id: int | None = None
+        try:
+            if message is not None:
+                dead_id = await self.store.dead_letter(
+                    Outcome.INVALID.value,
+                    raw,
+                    message,
+                    reason,
+                    attempts=delivery.attempt,
+                    token=token,
+                    provider_status=None,
+                )
+            else:
+                dead_id = await self.store.dead_letter_invalid(raw, reason, delivery.attempt)
+        except Exception as again:
+            if not db_errors.is_data_error(again):
+                raise
+            bare = dataclasses.replace(raw, headers={}, sanitised=(*raw.sanitised, "headers"))
+            dead_id = await self.store.dead_letter_invalid(bare, reason, delivery.attempt)
+        log.warning(
+            "dead_lettered",
+            idempotency_key=None if message is None else message.idempotency_key,
+            outcome=Outcome.INVALID,
+            error=reason,
+            dead_letter=dead_id,
+        )
+        return Outcome.INVALID if dead_id is not None else Outcome.ALREADY_FINISHED
+
+    async def _process(self, delivery: Delivery, token: uuid.UUID) -> Outcome:
         try:
             message = parse_message(
                 delivery.incoming.body,
@@ -117,17 +175,32 @@ class Pipeline:
             log.warning("dead_lettered", outcome="invalid", error=str(exc), dead_letter=dead_id)
             return Outcome.INVALID
         bound = log.bind(idempotency_key=message.idempotency_key, attempt=delivery.attempt)
-        headers = delivery.incoming.headers or {}
-        forced = bool(headers.get(IGNORE_MAX_AGE))
-        if not forced and is_expired(message.occurred_at, delivery.received_at, self._max_age):
+        expired = is_expired(message.occurred_at, delivery.received_at, self._max_age)
+        if expired and not delivery.ignore_max_age:
             return await self._dead(delivery, message, Outcome.EXPIRED, "older than max age", None)
 
+        # a fresh publish's control headers are not ours: no probe, no backoff of a first hop
+        headers = {} if delivery.fresh else (delivery.incoming.headers or {})
         partition = self.board.key_of(message)
-        admitted, probe = await self._admit(partition, read_probe(headers))
+        admitted, probe = await self._admit(
+            partition, read_probe(headers), released=bool(headers.get(RELEASED))
+        )
+        backoff = read_not_before(headers, delivery.received_at, self.settings.backoff_max_seconds)
+        early = 0.0 if backoff is None else (backoff[1] - delivery.received_at).total_seconds()
+        if backoff is not None and breaker.healed_since(self.board.get(partition), backoff[0]):
+            early = 0.0  # its partition opened and healed while it was on its way: send it
         if not admitted:
-            await self._park(delivery, message, partition, delivery.attempt, None, 0.0)
+            await self._park(delivery, message, partition, delivery.attempt, None, max(early, 0))
             bound.info("parked", outcome=Outcome.PARKED, partition=partition)
             return Outcome.PARKED
+        if probe is None and backoff is not None and early > _EARLY_TOLERANCE_SECONDS:
+            # back from its first hop, its partition not open: the rest of its backoff
+            await self.delay.publish(
+                delivery.republish(delivery.attempt, None, self.settings.max_priority, backoff[1]),
+                early,
+            )
+            bound.info("deferred", outcome=Outcome.DEFERRED, delay=round(early, 3))
+            return Outcome.DEFERRED
         token = uuid.uuid4()
         action, wait_seconds = await self._claim(message, delivery, token)
         if probe is not None and action is not ClaimAction.CLAIM:
@@ -140,6 +213,7 @@ class Pipeline:
             bound.info("superseded", outcome=Outcome.SUPERSEDED)
             return Outcome.SUPERSEDED
         if action is ClaimAction.WAIT:
+            delivery.check_channel()
             await self.delay.publish(
                 delivery.republish(delivery.attempt, None, self.settings.max_priority), wait_seconds
             )
@@ -173,12 +247,13 @@ class Pipeline:
         return await self._dead(delivery, message, reason, answer.describe(), answer, token)
 
     async def _admit(
-        self, partition: str, probe: uuid.UUID | None
+        self, partition: str, probe: uuid.UUID | None, released: bool
     ) -> tuple[bool, uuid.UUID | None]:
         """May the message be sent (else it is parked), and as which probe, if it is one."""
         admission = self.board.admit(partition, probe)
-        if admission is Admission.PARK and probe is not None:
-            # released as the probe by another replica, whose take this view may not show yet
+        if admission is not Admission.SEND and (probe is not None or released):
+            # released (as the probe, or as its partition healed) by another replica, whose
+            # change this view may not show yet
             await self.board.reread(partition)
             admission = self.board.admit(partition, probe)
         if admission is Admission.SEND:
@@ -201,8 +276,7 @@ class Pipeline:
     ) -> None:
         """Keep the message in PostgreSQL until its partition heals, or its wait is over."""
         now = datetime.now(UTC)
-        forced = bool((delivery.incoming.headers or {}).get(IGNORE_MAX_AGE))
-        expires = (now if forced else message.occurred_at) + self._max_age
+        expires = (now if delivery.ignore_max_age else message.occurred_at) + self._max_age
         await self.parking.park(
             Parked(
                 partition=partition,
@@ -260,15 +334,22 @@ class Pipeline:
             settings.backoff_max_seconds,
             self._rng,
         )
-        wait = retry_delay(backoff, answer.retry_after)
+        wait = retry_delay(backoff, answer.retry_after, settings.backoff_max_seconds)
         error = answer.describe()
         await self.store.record_failure(message, token, attempts, answer.status, error)
+        delivery.check_channel()
         if _failing_as_a_whole(health):
             # parked for its backoff, and released at once if the partition heals before
             await self._park(delivery, message, health.key, attempts, error, wait)
         else:
+            # A partition may open while its retries wait in the delay backend, and heal before
+            # they come back: a long backoff spends only a first hop there, then is checked.
+            hop = wait
+            if self.board.enabled:
+                hop = min(wait, settings.breaker_max_break_seconds * _HOP_BREAKS)
+            not_before = None if hop >= wait else datetime.now(UTC) + timedelta(seconds=wait)
             await self.delay.publish(
-                delivery.republish(attempts, error, self.settings.max_priority), wait
+                delivery.republish(attempts, error, settings.max_priority, not_before), hop
             )
         RETRIES.labels(str(attempts)).inc()
         log.info(
@@ -291,9 +372,12 @@ class Pipeline:
         token: uuid.UUID | None = None,
     ) -> Outcome:
         attempts = delivery.attempt + (answer is not None)
+        raw = delivery.raw()
+        if answer is not None and answer.sanitised:
+            raw = dataclasses.replace(raw, sanitised=(*raw.sanitised, "last_error"))
         dead_id = await self.store.dead_letter(
             reason.value,
-            delivery.raw(),
+            raw,
             message,
             error,
             attempts=attempts,

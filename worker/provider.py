@@ -6,6 +6,7 @@ back as a :class:`ProviderAnswer` for :func:`worker.decisions.classify` to judge
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,8 +14,14 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 
+from worker.errors import describe_error
 from worker.message import PriceChange
 from worker.metrics import PROVIDER_LATENCY, status_class
+from worker.storable import MAX_ID_CHARS, clean_text, decode_text, storable_text
+
+# An answer's body is read up to this size: a 10 MB error page costs 64 KiB, not 10 MB.
+MAX_ANSWER_BYTES = 65536
+ERROR_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +30,7 @@ class ProviderAnswer:
     message_id: str | None = None
     retry_after: float | None = None
     error: str | None = None
+    sanitised: bool = False  # the error text or the id was made storable (NUL, binary, size)
 
     def describe(self) -> str:
         """Short text for ``x-last-error`` and ``last_error``."""
@@ -37,7 +45,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        return float(value) if len(value) <= 12 else None
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -76,23 +84,62 @@ class ProviderClient:
         except TimeoutError:
             return ProviderAnswer(status=None, error="timeout")
         except aiohttp.ClientError as exc:
-            return ProviderAnswer(status=None, error=f"{type(exc).__name__}: {exc}"[:200])
+            return ProviderAnswer(status=None, error=clean_text(describe_error(exc), ERROR_CHARS))
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """At most ``limit`` bytes of the body; the rest is never read (nor buffered)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def answer_id(body: bytes) -> tuple[str | None, bool]:
+    """The ``id`` of a 2xx answer's JSON body as storable text (a NUL id is not lost), and
+    whether it had to be changed for that."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, False
+    value = data.get("id") if isinstance(data, dict) else None
+    if value is None:
+        return None, False
+    text = value if isinstance(value, str) else json.dumps(value)[:MAX_ID_CHARS]
+    cleaned, changed = storable_text(text, MAX_ID_CHARS)
+    return cleaned, changed
+
+
+def error_text(body: bytes) -> tuple[str, bool]:
+    """An error answer's body as one short line of storable text (a binary page included),
+    and whether anything but whitespace had to be changed or cut for that."""
+    text, changed = decode_text(body[: ERROR_CHARS * 4], ERROR_CHARS * 4)
+    printable = "".join(c if c.isprintable() or c.isspace() else " " for c in text)
+    line, cut = storable_text(" ".join(printable.split()), ERROR_CHARS)
+    return line, changed or cut or printable != text
 
 
 async def _read_answer(response: aiohttp.ClientResponse) -> ProviderAnswer:
     status = response.status
+    try:
+        body = await read_limited(response)
+    except (aiohttp.ClientError, ValueError) as exc:
+        body = b""
+        if 200 <= status < 300 or status == 409:  # the status is what counts
+            return ProviderAnswer(status=status)
+        return ProviderAnswer(status=status, error=clean_text(describe_error(exc), ERROR_CHARS))
     if 200 <= status < 300 or status == 409:
-        try:
-            body = await response.json(content_type=None)
-        except (ValueError, aiohttp.ContentTypeError):
-            body = None
-        message_id = body.get("id") if isinstance(body, dict) else None
-        return ProviderAnswer(
-            status=status, message_id=None if message_id is None else str(message_id)
-        )
-    text = (await response.text(errors="replace")).strip().replace("\n", " ")
+        message_id, changed = answer_id(body)
+        return ProviderAnswer(status=status, message_id=message_id, sanitised=changed)
+    error, changed = error_text(body)
     return ProviderAnswer(
         status=status,
         retry_after=parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC)),
-        error=text[:200] or response.reason,
+        error=error or clean_text(response.reason or "", ERROR_CHARS) or None,
+        sanitised=changed,
     )

@@ -21,21 +21,24 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError
 from aiormq.exceptions import ProbableAuthenticationError
-from sqlalchemy.exc import SQLAlchemyError
 
+from worker import db_errors
 from worker.breaker import BreakerConfig
 from worker.broker import connect_cluster, node_of
+from worker.db_errors import DbErrorKind
 from worker.delay import declare_delay_backend
-from worker.envelope import read_attempt
+from worker.envelope import channel_closed, read_attempt
+from worker.errors import describe_error
 from worker.health import HealthServer
 from worker.metrics import DELAY_BACKEND, DELIVERY_LIMIT_REACHED, IN_FLIGHT, RETURNED
 from worker.parking import ParkingLot
 from worker.partitions import PartitionBoard
-from worker.persistence import STATEMENT_ERRORS, DeliveryStore, create_engine
+from worker.persistence import DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
 from worker.scheduler import Scheduler
 from worker.settings import QueueType, Settings
+from worker.stopping import until_stopped, within
 from worker.topology import declare_topology
 
 log = structlog.get_logger("worker.replica")
@@ -51,8 +54,10 @@ _PROBE_SECONDS = 1.0
 # The channel the message came on is gone: it cannot be acked or returned, and the broker
 # has already put it back on the queue. (AMQPConnectionError is an OSError: test it first.)
 _CONNECTION_LOST = (ChannelInvalidStateError, AMQPConnectionError)
-# Everything else from the database (or its socket) is taken as the database being away.
-_DATABASE_ERRORS = (SQLAlchemyError, OSError)
+# Steps of a shutdown that a broker outage could otherwise hold up until the reconnect: each
+# waits at most this long, and all of them together no longer than the grace.
+_SHUTDOWN_STEP_SECONDS = 5.0
+_CLOSE_SECONDS = 2.0
 
 # The hot path's statements are batched (one connection per batcher); the others (failures,
 # dead letters, supersessions) take one connection each, and beyond this many wait their turn.
@@ -92,7 +97,7 @@ class DatabaseGate:
         if not self.is_open:
             return
         self._open.clear()
-        log.error("database_unavailable", error=f"{type(error).__name__}: {error}"[:300])
+        log.error("database_unavailable", error=describe_error(error))
         self._probe = asyncio.create_task(self._reopen())
 
     async def _reopen(self) -> None:
@@ -169,26 +174,28 @@ class Replica:
         Refused credentials are not waited for: they will not fix themselves.
         """
         settings = self.settings
-        while not stop.is_set():
-            try:
-                connection = await connect_cluster(
-                    settings.amqp_urls,
-                    reconnect_interval=_RECONNECT_SECONDS,
-                    # names the replica in the management UI and `rabbitmqctl list_connections`
-                    client_properties={
-                        "connection_name": f"worker {settings.queue} pid {os.getpid()}"
-                    },
-                )
-                log.info("broker_connected", node=node_of(connection))
-                connection.reconnect_callbacks.add(_log_reconnected)
-                return connection
-            except ProbableAuthenticationError:
-                raise
-            except (AMQPConnectionError, OSError) as exc:
-                log.warning("broker_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _RECONNECT_SECONDS)
-        return None
+
+        def unreachable(exc: Exception) -> bool:
+            auth = isinstance(exc, ProbableAuthenticationError)
+            return isinstance(exc, (AMQPConnectionError, OSError)) and not auth
+
+        connection = await until_stopped(
+            stop,
+            partial(
+                connect_cluster,
+                settings.amqp_urls,
+                reconnect_interval=_RECONNECT_SECONDS,
+                # names the replica in the management UI and `rabbitmqctl list_connections`
+                client_properties={"connection_name": f"worker {settings.queue} pid {os.getpid()}"},
+            ),
+            waits_for=unreachable,
+            on_failure=lambda exc: log.warning("broker_unreachable", error=describe_error(exc)),
+            pause=_RECONNECT_SECONDS,
+        )
+        if connection is not None:
+            log.info("broker_connected", node=node_of(connection))
+            connection.reconnect_callbacks.add(_log_reconnected)
+        return connection
 
     async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -205,19 +212,18 @@ class Replica:
             await self._serve(connection, provider, stop)
         finally:
             self._consuming = False
-            await connection.close()
+            await within(connection.close(), _CLOSE_SECONDS)
             await provider.close()
 
     async def _wait_for_schema(self, stop: asyncio.Event) -> None:
         """Check the schema revision; while the database is unreachable, wait for it."""
-        while not stop.is_set():
-            try:
-                await self._store.check_schema()
-                return
-            except _DATABASE_ERRORS as exc:
-                log.warning("database_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _RECONNECT_SECONDS)
+        await until_stopped(
+            stop,
+            self._store.check_schema,
+            waits_for=db_errors.is_database_error,
+            on_failure=lambda exc: log.warning("database_unreachable", error=describe_error(exc)),
+            pause=_RECONNECT_SECONDS,
+        )
 
     async def _serve(
         self,
@@ -274,15 +280,28 @@ class Replica:
         # First no more deliveries (a message handed back while the consumer is still on
         # would come straight back), then no more slots handed out. A channel that is
         # reconnecting has no consumer to cancel; if it comes back during the drain, _offer
-        # hands its deliveries straight back.
+        # hands its deliveries straight back. No step waits for a reconnect: a broker outage
+        # must not keep SIGTERM from ending the process within the grace, which all share.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.shutdown_grace_seconds
+
+        def step() -> float:
+            return max(min(deadline - loop.time(), _SHUTDOWN_STEP_SECONDS), 0.1)
+
         with contextlib.suppress(*_CONNECTION_LOST, AMQPError):
-            await ingress.cancel(ingress_tag)
+            await within(ingress.cancel(ingress_tag), step())
         scheduler.close()
-        await dispatcher
+        if not await within(asyncio.shield(dispatcher), step()):
+            # a basic.get waiting for the broker: its message, if any, the broker requeues
+            dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatcher
         for incoming in scheduler.take_waiting():
-            await _return(incoming, "shutdown")
-        await self._drain(settings.shutdown_grace_seconds)
-        await releaser  # it ends its release in progress, published and committed
+            await within(_return(incoming, "shutdown"), step())
+        await self._drain(max(deadline - loop.time(), 0.0))
+        # the releaser ends its release in progress, published and committed; a broker outage
+        # must not hold it up past the grace (an unfinished release is released again later)
+        await within(releaser, step())
 
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:
@@ -315,28 +334,37 @@ class Replica:
             log.warning("delivery_limit_reached", limit=self.settings.delivery_limit)
         try:
             await self._gate.wait_open()
+            if channel_closed(incoming):
+                # it waited here while the connection was replaced: the broker has requeued it
+                # already, and a retry published for it would start a second chain
+                log.info("skipped_from_closed_channel")
+                return
             await handler(incoming)
         except _CONNECTION_LOST as exc:
-            log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}"[:300])
-        except STATEMENT_ERRORS as exc:
-            # the database answered, but refused this statement: a bug or bad data, not an
-            # outage; the message goes back rather than being failed
-            log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc.orig}"[:300])
-            await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-            await _return(incoming, "database")
-        except _DATABASE_ERRORS as exc:
-            self._gate.close(exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._gate.wait_open(), _HOLD_SECONDS)
-            await _return(incoming, "database")
+            log.warning("ack_lost", error=describe_error(exc))
         except AMQPError as exc:
-            log.error("returned_to_queue", error=f"{type(exc).__name__}: {exc}"[:300])
+            log.error("returned_to_queue", error=describe_error(exc))
             await asyncio.sleep(_ERROR_PAUSE_SECONDS)
             await _return(incoming, "broker")
-        except Exception:
-            log.exception("returned_to_queue", cause="unexpected error")
-            await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-            await _return(incoming, "unexpected")
+        except Exception as exc:
+            if not db_errors.is_database_error(exc):
+                log.exception("returned_to_queue", cause="unexpected error")
+                await asyncio.sleep(_ERROR_PAUSE_SECONDS)
+                await _return(incoming, "unexpected")
+                return
+            kind = db_errors.classify(exc)
+            if kind is DbErrorKind.OUTAGE:
+                self._gate.close(exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._gate.wait_open(), _HOLD_SECONDS)
+            else:
+                # the database answered, but refused a statement (a bug, a race lost again
+                # and again, data the pipeline could not finish): not an outage; the message
+                # goes back after a pause rather than being failed
+                cause = getattr(exc, "orig", None) or exc
+                log.error("returned_to_queue", kind=kind, error=describe_error(cause))
+                await asyncio.sleep(_ERROR_PAUSE_SECONDS)
+            await _return(incoming, "database")
         finally:
             IN_FLIGHT.dec()
 

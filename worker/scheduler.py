@@ -26,6 +26,8 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
+from worker.errors import describe_error
+
 log = structlog.get_logger("worker.scheduler")
 
 # With nothing to do, look for retries this often (a retry's delay is at least a second).
@@ -101,6 +103,6 @@ class Scheduler:
         try:
             return await queue.get(no_ack=False, fail=False)
         except (AMQPError, ChannelInvalidStateError, OSError) as exc:
-            log.warning("retry_fetch_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            log.warning("retry_fetch_failed", error=describe_error(exc))
             await asyncio.sleep(_FETCH_ERROR_PAUSE_SECONDS)
             return None

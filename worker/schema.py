@@ -16,7 +16,6 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
@@ -25,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
@@ -142,10 +141,15 @@ dead_letters = Table(
     Column("replay_count", Integer, nullable=False, server_default=text("0")),
     # computed once when the row is written; `worker-admin stats` groups by it
     Column("failure_group", Text, Computed(failure_group_sql("last_error"), persisted=True)),
+    # which columns were made storable (NUL, surrogates, sizes): "headers,last_error"; NULL: none
+    Column("sanitised", Text),
+    # SHA-256 of the delivery (bytes, properties, headers): finds a redelivered invalid body's row
+    Column("delivery_hash", LargeBinary),
     CheckConstraint(f"reason IN {DEAD_LETTER_REASONS}", name="dead_letters_reason_check"),
     Index("dead_letters_dead_at_idx", "dead_at"),
     Index("dead_letters_reason_dead_at_idx", "reason", "dead_at"),
     Index("dead_letters_idempotency_key_idx", "idempotency_key"),
+    Index("dead_letters_delivery_hash_idx", "delivery_hash"),
 )
 
 PARTITION_STATES = ("closed", "open", "half_open")
@@ -164,6 +168,7 @@ partition_health = Table(
     Column("probe_token", UUID(as_uuid=True)),
     Column("probe_until", DateTime(timezone=True)),
     Column("probed_at", DateTime(timezone=True)),
+    Column("healed_at", DateTime(timezone=True)),
     Column("last_error", Text),
     Column("changed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"state IN {PARTITION_STATES}", name="partition_health_state_check"),
@@ -188,7 +193,10 @@ parked_messages = Table(
     Column("due_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    UniqueConstraint("idempotency_key", name="parked_messages_idempotency_key_key"),
     Index("parked_messages_partition_idx", "partition_key", "due_at"),
     Index("parked_messages_expires_at_idx", "expires_at"),
 )
+
+# The PostgreSQL advisory lock `worker migrate` holds while it migrates (migrations/env.py):
+# pods starting together, each migrating in its init container, take turns.
+MIGRATION_LOCK = 0x6E775F6D

@@ -56,8 +56,34 @@ def parse_status_ranges(text: str) -> frozenset[int]:
     return frozenset(statuses)
 
 
+# Query parameters that carry a secret (libpq's and asyncpg's spelling).
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+# What asyncpg.connect (and SQLAlchemy's asyncpg dialect) take from the URL's query. Anything
+# else would reach asyncpg.connect as an unknown argument: a TypeError at the first connect.
+_ASYNCPG_PARAMETERS = frozenset(
+    {
+        "ssl", "host", "port", "user", "password", "passfile", "database", "timeout",
+        "command_timeout", "statement_cache_size", "max_cached_statement_lifetime",
+        "max_cacheable_statement_size", "direct_tls", "target_session_attrs", "krbsrvname",
+        "gsslib", "prepared_statement_cache_size",
+    }
+)  # fmt: skip
+# libpq's certificate parameters, which asyncpg reads from the environment instead.
+_LIBPQ_FROM_ENVIRONMENT = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+}
+# The delay cascade's routing keys are 28 binary words ("0.1.…", 56 bytes) before the queue
+# name, and AMQP caps a routing key at 255 bytes.
+_DELAY_ROUTING_PREFIX_BYTES = 56
+MAX_QUEUE_BYTES = 255 - _DELAY_ROUTING_PREFIX_BYTES
+
+
 def mask_url(url: str) -> str:
-    """Hide the password of a URL so that it can be logged; hide all of an unreadable one.
+    """Hide the password of a URL (in its user info or its query, as ``?password=``) so that
+    it can be logged; hide all of an unreadable one.
 
     A comma-separated list of URLs (``WORKER_AMQP_URL`` of a cluster) is masked URL by URL.
     """
@@ -66,12 +92,16 @@ def mask_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return "<unreadable URL>"
-    if password is None:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if any(k.lower() in _SECRET_PARAMETERS for k, _ in query):
+        masked = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    if password is not None:
+        netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
 
 
 class Settings(BaseSettings):
@@ -102,7 +132,7 @@ class Settings(BaseSettings):
     queue: str = Field(
         "notifications.work",
         min_length=1,
-        max_length=200,
+        max_length=MAX_QUEUE_BYTES,
         description="Work queue; names the ingress, retry and delay queues and exchanges too",
     )
     concurrency: int = Field(
@@ -119,7 +149,7 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(
         1000,
         ge=1,
-        description="quorum: x-delivery-limit; a message returned this often is dead-lettered",
+        description="quorum: x-delivery-limit; returned this often, a message moves to .limit",
     )
     max_attempts: int = Field(
         10,
@@ -164,9 +194,10 @@ class Settings(BaseSettings):
     )
     breaker_failures: int = Field(
         5,
-        ge=1,
+        ge=0,
         le=1000,
-        description="Transient failures in a row that open a partition (Envoy's and Finagle's 5)",
+        description="Transient failures in a row that open a partition (Envoy's and Finagle's "
+        "5); 0 turns partition health off: every retry waits out its backoff in the delay backend",
     )
     breaker_break_seconds: float = Field(
         0.5,
@@ -213,6 +244,17 @@ class Settings(BaseSettings):
             raise ValueError(f"must not be below {ENV_PREFIX}BREAKER_BREAK_SECONDS ({base})")
         return value
 
+    @field_validator("queue")
+    @classmethod
+    def _routable_queue(cls, value: str) -> str:
+        size = len(value.encode())
+        if size > MAX_QUEUE_BYTES:
+            raise ValueError(
+                f"is {size} bytes; at most {MAX_QUEUE_BYTES}, so that a retry's routing key "
+                "(the delay in 28 binary words, then the queue) fits AMQP's 255 bytes"
+            )
+        return value
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
@@ -251,7 +293,19 @@ class Settings(BaseSettings):
             parts = parts._replace(scheme="postgresql+asyncpg")
         elif parts.scheme != "postgresql+asyncpg":
             raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
+        try:
+            parts.port  # noqa: B018 — raises for a port that is not a number in 0-65535
+        except ValueError as exc:
+            raise ValueError(f"has a bad port: {exc}") from None
         query = [("ssl" if k == "sslmode" else k, v) for k, v in parse_qsl(parts.query)]
+        for key, _ in query:
+            if key in _LIBPQ_FROM_ENVIRONMENT:
+                raise ValueError(
+                    f"{key}= is libpq's; the asyncpg driver reads it from the environment: "
+                    f"set {_LIBPQ_FROM_ENVIRONMENT[key]} instead"
+                )
+            if key not in _ASYNCPG_PARAMETERS:
+                raise ValueError(f"{key}= is not a connection parameter the asyncpg driver takes")
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     @property

@@ -82,3 +82,45 @@ async def test_worker_retries_through_the_backend(harness: Harness, backend: Del
     first, second = harness.provider.requests
     assert (first.status, second.status) == (500, 200)
     assert 0.9 <= second.at - first.at <= 2.5
+
+
+async def test_auto_keeps_a_retry_exchange_declared_for_the_other_backend(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker gained the plugin after <queue>.retry was declared for ttl: auto keeps the
+    cascade (and says so) instead of failing every start with PRECONDITION_FAILED."""
+    import worker.delay as delay_module
+
+    channel = await harness.amqp.channel(publisher_confirms=True, on_return_raises=True)
+    topology = await declare_topology(channel, harness.settings())
+    first = await declare_delay_backend(
+        AMQP_URL, channel, topology, harness.settings(delay_backend="ttl")
+    )
+    assert first.name is DelayBackendName.TTL
+
+    async def gained(amqp_url: str, names: object) -> bool:
+        return True
+
+    monkeypatch.setattr(delay_module, "broker_has_plugin", gained)
+    kept = await declare_delay_backend(
+        AMQP_URL, channel, topology, harness.settings(delay_backend="auto")
+    )
+    assert kept.name is DelayBackendName.TTL
+    assert not channel.is_closed
+    await channel.close()
+
+
+async def test_auto_with_a_retry_exchange_of_a_type_it_cannot_use_is_one_line(
+    harness: Harness,
+) -> None:
+    from worker.settings import ConfigError
+
+    channel = await harness.amqp.channel(publisher_confirms=True, on_return_raises=True)
+    topology = await declare_topology(channel, harness.settings())
+    await channel.declare_exchange(topology.names.retry, aio_pika.ExchangeType.DIRECT)
+    has_plugin = await broker_has_plugin(AMQP_URL, harness.names)
+    if has_plugin:
+        pytest.skip("the broker has the plugin: a direct exchange is simply in the way")
+    with pytest.raises(ConfigError, match="DELAY_BACKEND"):
+        await declare_delay_backend(AMQP_URL, channel, topology, harness.settings())
+    await channel.close()

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import socket
 
 import aiohttp
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker import __version__
 from worker.replica import Replica
 from worker.tooling.demo_provider import Rule
 
 from .conftest import Harness, price_change
+
+PYTHON = platform.python_version()
 
 
 def sample(metrics: str, name: str) -> float:
@@ -70,9 +77,30 @@ async def test_metrics_move_and_health_answers(harness: Harness) -> None:
     assert moved("notifications_messages_total", outcome="sent") == 1
     assert moved("notifications_dead_letters_total", reason="rejected") == 1
     assert after.value("notifications_delay_backend_info", backend="ttl") == 1
-    requests = "notifications_provider_request_seconds_count"
+    requests = "notifications_provider_request_duration_seconds_count"
     assert moved(requests, status_class="2xx") == 1
     assert moved(requests, status_class="4xx") == 1
+    assert after.value("notifications_build_info", version=__version__, python=PYTHON) == 1
+
+
+async def test_metrics_speak_openmetrics_to_a_scraper_that_asks(harness: Harness) -> None:
+    port = free_port()
+    await harness.start(metrics_port=port)
+    openmetrics = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{port}/metrics"
+        async with http.get(url, headers={"Accept": f"{openmetrics},text/plain;q=0.5"}) as answer:
+            assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+            text = await answer.text()
+        async with http.get(url) as classic:
+            assert classic.headers["Content-Type"].startswith("text/plain")
+    assert text.endswith("# EOF\n")
+    families = {family.name: family for family in openmetrics_families(text)}  # type: ignore[no-untyped-call]
+    # OpenMetrics names a counter's family without _total, an info-like gauge as it is
+    assert families["notifications_messages"].type == "counter"
+    assert families["notifications_provider_request_duration_seconds"].type == "histogram"
+    (build,) = families["notifications_build_info"].samples
+    assert build.labels == {"version": __version__, "python": PYTHON}
 
 
 @pytest.mark.parametrize(

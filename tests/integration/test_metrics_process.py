@@ -35,9 +35,10 @@ FAMILIES = {
     "notifications_dead_letters": "counter",
     "notifications_returned": "counter",
     "notifications_delivery_latency_seconds": "histogram",
-    "notifications_provider_request_seconds": "histogram",
+    "notifications_provider_request_duration_seconds": "histogram",
     "notifications_in_flight": "gauge",
     "notifications_delay_backend_info": "gauge",
+    "notifications_build_info": "gauge",
 }
 
 
@@ -173,7 +174,7 @@ async def test_every_metric_is_exposed_and_moves_with_the_messages(
     assert after.value("notifications_dead_letters_total", reason="rejected") == 1
     assert after.value("notifications_delivery_latency_seconds_count") == 2
     assert after.value("notifications_delivery_latency_seconds_sum") > 0
-    requests = "notifications_provider_request_seconds_count"
+    requests = "notifications_provider_request_duration_seconds_count"
     assert after.value(requests, status_class="2xx") == 2
     assert after.value(requests, status_class="4xx") == 1
     assert after.value(requests, status_class="5xx") == 1

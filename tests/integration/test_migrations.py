@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import asyncpg
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -12,8 +14,11 @@ from alembic.script import ScriptDirectory
 from worker.cli import find_alembic_ini
 from worker.persistence import SchemaMismatch
 from worker.replica import Replica
-from worker.schema import SCHEMA_REVISION
+from worker.schema import MIGRATION_LOCK, SCHEMA_REVISION
 from worker.settings import load_settings
+from worker.tooling.fleet import worker_command
+
+from .test_logging_process import json_lines, worker_env
 
 
 def _config(database_url: str) -> Config:
@@ -46,3 +51,26 @@ async def test_worker_refuses_to_start_on_an_unmigrated_database(empty_database_
     settings = load_settings(database_url=empty_database_url, provider_url="http://127.0.0.1:1")
     with pytest.raises(SchemaMismatch, match="run `worker migrate`"):
         await Replica(settings).run(asyncio.Event())
+
+
+async def test_a_migration_waits_for_one_in_progress(empty_database_url: str) -> None:
+    """Each pod's init container runs `worker migrate`; pods starting together take turns on
+    the advisory lock of migrations/env.py, held here by the test as a migration would."""
+    holder = await asyncpg.connect(empty_database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        process = await asyncio.create_subprocess_exec(
+            *worker_command("migrate"),
+            env=worker_env(database_url=empty_database_url, log_format="json"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(process.wait()), timeout=3)
+        assert process.returncode is None, "migrated while another migration held the lock"
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        await holder.close()
+    assert process.returncode == 0, err
+    assert any(e["event"] == "migrated" for e in json_lines("stdout", out.decode()))

@@ -104,3 +104,40 @@ async def test_with_two_lanes_a_second_batch_starts_while_the_first_is_in_flight
 def test_max_size_and_lanes_must_be_positive(max_size: int, lanes: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(Recorder().run, max_size, lanes)
+
+
+async def test_an_item_to_blame_is_isolated_and_fails_alone() -> None:
+    """A failure ``isolate`` blames on an item splits the batch until that item runs alone:
+    every other caller gets its result, only the offender's caller the error."""
+    recorder = Recorder(fail_on=5)
+    batcher = Batcher(recorder.run, 8, isolate=lambda exc: isinstance(exc, ValueError))
+    recorder.release.clear()
+    first = asyncio.create_task(batcher.submit(0))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(n)) for n in range(1, 9)]
+    await asyncio.sleep(0)
+    recorder.release.set()
+    assert await first == 0
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    assert [r for r in results if isinstance(r, Exception)] != []
+    for n, result in zip(range(1, 9), results, strict=True):
+        if n == 5:
+            assert isinstance(result, ValueError)
+        else:
+            assert result == n * 10
+    assert [5] in recorder.batches
+
+
+async def test_a_failure_not_to_blame_on_an_item_fails_the_whole_batch() -> None:
+    recorder = Recorder(fail_on=2)
+    batcher = Batcher(recorder.run, 8, isolate=lambda exc: False)
+    recorder.release.clear()
+    first = asyncio.create_task(batcher.submit(0))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(n)) for n in (1, 2, 3)]
+    await asyncio.sleep(0)
+    recorder.release.set()
+    await first
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results)
+    assert len(recorder.batches) == 2

@@ -160,8 +160,9 @@ def test_the_worker_is_replicated_and_probed_on_its_metrics_port(
     env = environment(worker)
     assert worker["command"] == ["worker", "run"]
     assert worker["deploy"]["replicas"] >= 2
-    probe = " ".join(worker["healthcheck"]["test"])
-    assert f"127.0.0.1:{env['WORKER_METRICS_PORT']}/readyz" in probe
+    # `worker check` asks /readyz on WORKER_METRICS_PORT of the same container
+    assert worker["healthcheck"]["test"] == ["CMD", "worker", "check"]
+    assert int(env["WORKER_METRICS_PORT"]) > 0
     assert str(env["WORKER_METRICS_PORT"]) in map(str, worker["expose"])
     # SIGKILL must not come before the worker has finished or returned what it holds
     assert seconds(worker["stop_grace_period"]) > float(env["WORKER_SHUTDOWN_GRACE_SECONDS"])
@@ -233,6 +234,61 @@ def test_the_images_copy_files_that_exist_and_are_not_ignored(compose: dict[str,
             assert (context / source).exists(), f"{name}: COPY {source}: no such file"
             if context == ROOT:
                 assert source.rstrip("/") not in ignored, f"{name}: {source} is .dockerignored"
+
+
+def test_every_config_file_exists(compose: dict[str, Any]) -> None:
+    for name, config in compose["configs"].items():
+        assert (ROOT / config["file"]).is_file(), name
+    for name, service in compose["services"].items():
+        for config in service.get("configs", []):
+            assert config["source"] in compose["configs"], f"{name}: {config['source']}"
+
+
+def test_the_default_broker_is_a_current_rabbitmq_without_the_plugin(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    broker = services["rabbitmq"]
+    assert "build" not in broker
+    assert "profiles" not in broker
+    version = re.fullmatch(r"rabbitmq:(\d+)\.(\d+)(?:\.\d+)?-management", broker["image"])
+    assert version, broker["image"]
+    assert (int(version[1]), int(version[2])) >= (4, 2)
+    mounted = {
+        config["target"]: compose["configs"][config["source"]]["file"]
+        for config in broker["configs"]
+    }
+    conf = mounted["/etc/rabbitmq/conf.d/90-notifications.conf"]
+    assert conf == "./rabbitmq/rabbitmq.conf"
+    (definitions,) = re.findall(
+        r"^load_definitions = (\S+)$", (ROOT / conf).read_text(), re.MULTILINE
+    )
+    assert mounted[definitions] == "./rabbitmq/definitions.json"
+    plugins = (ROOT / mounted["/etc/rabbitmq/enabled_plugins"]).read_text()
+    assert "rabbitmq_prometheus" in plugins
+    assert "delayed" not in plugins
+    for name in ("worker", "publisher", "migrate", "provider"):
+        assert "profiles" not in services[name], name
+    assert environment(services["worker"])["WORKER_DELAY_BACKEND"] == "ttl"
+
+
+def test_the_plugin_is_an_opt_in_profile_on_its_own_broker(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    opt_in = {name for name, s in services.items() if "delayed-plugin" in s.get("profiles", [])}
+    assert opt_in == {"rabbitmq-delayed", "worker-delayed", "publisher-delayed"}
+    assert services["rabbitmq-delayed"]["build"]["context"] == "./rabbitmq"
+    worker = environment(services["worker-delayed"])
+    assert worker["WORKER_DELAY_BACKEND"] == "plugin"
+    assert urlsplit(worker["WORKER_AMQP_URL"]).hostname == "rabbitmq-delayed"
+    publisher = environment(services["publisher-delayed"])
+    assert urlsplit(publisher["WORKER_AMQP_URL"]).hostname == "rabbitmq-delayed"
+    assert services["worker-delayed"]["depends_on"]["rabbitmq-delayed"] == {
+        "condition": "service_healthy"
+    }
+    # the rest of the stack is shared, and the default stack does not need this profile
+    for name, service in services.items():
+        if name not in opt_in:
+            assert not set(service.get("depends_on", {})) & opt_in, name
 
 
 def test_the_broker_loads_the_definitions_it_is_given() -> None:

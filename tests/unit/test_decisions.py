@@ -239,3 +239,18 @@ def test_decide_claim_held_lease_of_a_newer_message_waits() -> None:
 def test_decide_claim_no_lease() -> None:
     assert decide_claim(_state(), NOW) is ClaimAction.CLAIM
     assert decide_claim(_state(watermark=NOW - SECOND), NOW) is ClaimAction.CLAIM
+
+
+@pytest.mark.parametrize(
+    ("backoff", "retry_after", "cap", "expected"),
+    [
+        (5.0, 2.4, 3600.0, 5.0),
+        (5.0, 12.4, 3600.0, 12.4),  # exactly, not rounded
+        (5.0, 10 * 365 * 86400.0, 3600.0, 3600.0),  # a provider's "in ten years" is capped
+        (5.0, None, 3600.0, 5.0),
+    ],
+)
+def test_retry_after_is_honoured_exactly_and_capped(
+    backoff: float, retry_after: float | None, cap: float, expected: float
+) -> None:
+    assert retry_delay(backoff, retry_after, cap) == expected

@@ -400,16 +400,19 @@ async def test_names_follow_the_work_queue() -> None:
     ("delay", "seconds"),
     [
         (0.0, 0),
-        (0.4, 0),
+        (0.4, 1),  # rounded up: never before a Retry-After
         (1.0, 1),
+        (4.2, 5),
         (4.6, 5),
         (120.0, 120),
         (-3.0, 0),
         (float(MAX_DELAY_SECONDS), MAX_DELAY_SECONDS),
         (1e12, MAX_DELAY_SECONDS),
+        (float("inf"), MAX_DELAY_SECONDS),
+        (float("nan"), 0),
     ],
 )
-async def test_publish_rounds_and_clamps_the_delay(delay: float, seconds: int) -> None:
+async def test_publish_rounds_up_and_clamps_the_delay(delay: float, seconds: int) -> None:
     cascade, recorder = await _declare()
     message = aio_pika.Message(b"{}", headers={"x-attempt": 3})
     await cascade.publish(message, delay)
@@ -418,7 +421,13 @@ async def test_publish_rounds_and_clamps_the_delay(delay: float, seconds: int) -
 
 @pytest.mark.parametrize(
     ("delay", "milliseconds"),
-    [(0.0, 0), (1.5, 1500), (-2.0, 0), (60 * 86400.0, MAX_PLUGIN_DELAY_MS)],
+    [
+        (0.0, 0),
+        (1.5, 1500),
+        (0.0014, 2),
+        (-2.0, 0),
+        (60 * 86400.0, MAX_PLUGIN_DELAY_MS),
+    ],
 )
 async def test_plugin_publish_sets_x_delay_within_the_timer_limit(
     delay: float, milliseconds: int

@@ -240,3 +240,27 @@ def test_cli_rejects_a_bad_rule(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--rule", '{"status": "nope"}'])
     assert exit_info.value.code == 2
     assert "bad rule" in capsys.readouterr().err
+
+
+async def test_capacity_set_over_the_control_api_makes_requests_wait_their_turn(
+    provider: DemoProvider, session: aiohttp.ClientSession
+) -> None:
+    body = {"rules": [], "latency_ms": 50, "capacity": 1}
+    async with session.put(f"{provider.url}/_control/rules", json=body) as response:
+        assert (await response.json())["capacity"] == 1
+    started = time.monotonic()
+    answers = await asyncio.gather(*(send(session, provider, f"k{n}") for n in range(3)))
+    assert [status for status, _ in answers] == [200, 200, 200]
+    assert time.monotonic() - started >= 0.15  # one at a time, 50 ms each
+    async with session.get(f"{provider.url}/_control/stats") as response:
+        stats = await response.json()
+    assert stats == {"requests": 3, "accepted": 3, "latency_ms": 50, "capacity": 1}
+
+
+async def test_control_api_rejects_a_capacity_below_one(
+    provider: DemoProvider, session: aiohttp.ClientSession
+) -> None:
+    body = {"rules": [], "capacity": 0}
+    async with session.put(f"{provider.url}/_control/rules", json=body) as response:
+        assert response.status == 400
+    assert provider.capacity is None

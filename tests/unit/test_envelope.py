@@ -144,3 +144,88 @@ def test_carried_headers_empty() -> None:
 @pytest.mark.parametrize("name", ["x-delay-reason", "x-delayed-by", "x-deathly"])
 def test_carried_headers_keeps_lookalike_names(name: str) -> None:
     assert carried_headers({name: "kept"}) == {name: "kept"}
+
+
+# --- issue 10: untrusted headers, our own message ids, closed channels -------------------------
+
+
+def _incoming(headers: dict[str, Any], *, closed: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        headers=headers,
+        body=b"{}",
+        content_type="application/json",
+        content_encoding=None,
+        message_id="publisher-id",
+        correlation_id=None,
+        timestamp=None,
+        type=None,
+        app_id=None,
+        routing_key="prices.x",
+        redelivered=False,
+        channel=SimpleNamespace(is_closed=closed),
+    )
+
+
+HOSTILE: dict[str, Any] = {
+    ATTEMPT: 2**31,
+    FIRST_SEEN_AT: "2001-01-01T00:00:00Z",
+    "x-ignore-max-age": 1,
+    "x-replayed-from": 5,
+    "trace-id": "kept",
+}
+
+
+def test_a_fresh_publish_gets_nothing_from_our_headers() -> None:
+    from worker.envelope import Delivery
+
+    delivery = Delivery.of(_incoming(HOSTILE), fresh=True)
+    assert delivery.attempt == 0
+    assert not delivery.ignore_max_age
+    assert delivery.first_seen_at == delivery.received_at
+    republished = delivery.republish(1, "HTTP 500", 10)
+    assert republished.headers is not None
+    assert "x-ignore-max-age" not in republished.headers
+    assert "x-replayed-from" not in republished.headers
+    assert republished.headers["trace-id"] == "kept"
+
+
+def test_a_message_back_from_the_work_queue_is_read_within_bounds() -> None:
+    from worker.envelope import MAX_ATTEMPT, Delivery
+
+    delivery = Delivery.of(_incoming(HOSTILE))
+    assert delivery.attempt == MAX_ATTEMPT
+    assert delivery.ignore_max_age  # a replay's, beside x-replayed-from
+    assert delivery.first_seen_at == datetime(2001, 1, 1, tzinfo=UTC)
+
+
+def test_a_retry_has_its_own_message_id_and_keeps_the_publishers() -> None:
+    from worker.envelope import ORIGINAL_MESSAGE_ID, Delivery
+
+    first = Delivery.of(_incoming({})).republish(1, None, 10)
+    second = Delivery.of(_incoming({})).republish(1, None, 10)
+    assert first.message_id != "publisher-id"
+    assert first.message_id != second.message_id
+    assert first.headers is not None
+    assert first.headers[ORIGINAL_MESSAGE_ID] == "publisher-id"
+
+
+def test_a_message_of_a_closed_channel_publishes_no_retry() -> None:
+    from aio_pika.exceptions import ChannelInvalidStateError
+
+    from worker.envelope import Delivery
+
+    Delivery.of(_incoming({})).check_channel()
+    with pytest.raises(ChannelInvalidStateError):
+        Delivery.of(_incoming({}, closed=True)).check_channel()
+
+
+def test_raw_headers_are_storable_and_say_so() -> None:
+    from worker.envelope import Delivery
+
+    raw = Delivery.of(_incoming({"bad": bytearray(b"\x00\xff"), "ok": 1})).raw()
+    assert raw.headers["ok"] == 1
+    assert "\x00" not in raw.headers["bad"]
+    assert raw.sanitised == ("headers",)
+    assert Delivery.of(_incoming({"ok": 1})).raw().sanitised == ()

@@ -23,7 +23,6 @@ API_VERSIONS = {
     "ConfigMap": "v1",
     "Secret": "v1",
     "Deployment": "apps/v1",
-    "Job": "batch/v1",
     "ScaledObject": "keda.sh/v1alpha1",
     "TriggerAuthentication": "keda.sh/v1alpha1",
     "PodMonitor": "monitoring.coreos.com/v1",
@@ -136,14 +135,44 @@ def test_the_variables_are_real_settings_and_valid(monkeypatch: pytest.MonkeyPat
     assert "ssl=require" in settings.database_url
 
 
-def test_the_migration_job_is_one_shot_with_the_database_secret() -> None:
-    job = one("Job")["spec"]
-    (container,) = job["template"]["spec"]["containers"]
-    assert container["command"] == ["worker", "migrate"]
-    assert job["template"]["spec"]["restartPolicy"] in {"Never", "OnFailure"}
+def test_every_pod_migrates_before_its_worker_starts() -> None:
+    """An init container runs `worker migrate` with the worker's image and database secret,
+    so a rollout never starts a replica against an older schema; no Job to run by hand."""
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["worker", "migrate"]
+    assert init["image"] == worker_container()["image"]
     database = secret_keys(worker_container())["WORKER_DATABASE_URL"]
-    assert secret_keys(container) == {"WORKER_DATABASE_URL": database}
-    assert container["image"] == worker_container()["image"]
+    assert secret_keys(init) == {"WORKER_DATABASE_URL": database}
+    assert {e["name"]: e.get("value") for e in init["env"]}["WORKER_LOG_FORMAT"] == "json"
+    assert "Job" not in {document["kind"] for _, document in documents()}
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def test_pods_meet_the_restricted_pod_security_standard() -> None:
+    """The checks of Pod Security "restricted" that the manifests decide."""
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] != 0
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not pod.get("hostNetwork")
+    assert not pod.get("hostPID")
+    assert not pod.get("volumes")
+    for container in _containers(pod):
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert not context.get("privileged"), container["name"]
+        assert context.get("readOnlyRootFilesystem") is True, container["name"]
+        assert "seccompProfile" not in context or context["seccompProfile"]["type"] in {
+            "RuntimeDefault",
+            "Localhost",
+        }
+        assert container["resources"]["limits"]["memory"], container["name"]
 
 
 def test_the_probes_and_the_scrape_use_the_metrics_port() -> None:

@@ -294,3 +294,45 @@ def test_require_provider_url_missing() -> None:
 def test_require_provider_url(monkeypatch: pytest.MonkeyPatch, url: str, expected: str) -> None:
     monkeypatch.setenv("WORKER_PROVIDER_URL", url)
     assert load_settings().require_provider_url() == expected
+
+
+# --- issue 10: URLs and names that used to fail at run time ------------------------------------
+
+
+def test_a_password_in_the_database_url_query_is_masked() -> None:
+    settings = load_settings(database_url="postgresql://app@db/notify?password=hunter2&ssl=require")
+    dumped = settings.safe_dump()["database_url"]
+    assert "hunter2" not in dumped
+    assert "password=***" in dumped
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("postgresql://app@db:99999/notify", "bad port"),
+        ("postgresql://app@db:port/notify", "bad port"),
+        ("postgresql://app@db/notify?sslrootcert=/etc/ca.pem", "PGSSLROOTCERT"),
+        ("postgresql://app@db/notify?bogus=1", "bogus= is not"),
+    ],
+)
+def test_a_database_url_asyncpg_cannot_use_is_one_line(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match="WORKER_DATABASE_URL") as raised:
+        load_settings(database_url=url)
+    assert fragment in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_a_queue_whose_retry_routing_key_would_exceed_255_bytes_is_refused() -> None:
+    assert load_settings(queue="q" * 199).queue == "q" * 199
+    with pytest.raises(ConfigError, match="WORKER_QUEUE"):
+        load_settings(queue="q" * 200)
+    with pytest.raises(ConfigError, match="255 bytes"):
+        load_settings(queue="é" * 100)  # 200 bytes
+
+
+def test_the_longest_queue_makes_a_routing_key_of_exactly_255_bytes() -> None:
+    from worker.delay import MAX_DELAY_SECONDS, delay_routing_key
+    from worker.settings import MAX_QUEUE_BYTES
+
+    assert len(delay_routing_key(MAX_DELAY_SECONDS, "q" * MAX_QUEUE_BYTES).encode()) == 255

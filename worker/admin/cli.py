@@ -26,6 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tqdm import tqdm
 
+from worker import __version__
+from worker.admin import partitions as partitions_module
 from worker.admin import queries, render
 from worker.admin.errors import AdminError, Failure, UsageError, describe, scrub
 from worker.admin.fingerprint import FINGERPRINT_LENGTH, FINGERPRINT_PATTERN
@@ -60,12 +62,34 @@ progress and stops: each row is either replayed or untouched; run the same comma
 the rest. A second one aborts the batch in progress too.
 """
 
+ADMIN_EPILOG = """\
+configuration (environment variables, as for `worker`; docs/configuration.md):
+  WORKER_DATABASE_URL    PostgreSQL, postgresql+asyncpg://user:password@host:5432/db
+  WORKER_AMQP_URL        the broker (replay only)
+  WORKER_QUEUE           the work queue replay publishes to
+  WORKER_MAX_PRIORITY    replay's default priority is this minus 1
+
+exit status: 0 done, 1 failure (database or broker unreachable, unknown id, refused publish,
+interrupted), 2 bad usage or configuration; errors are one line on stderr.
+Guide: docs/admin.md.
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (our exit 2) instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class _WideHelp(argparse.RawDescriptionHelpFormatter):
+    """argparse measures the commands one indent short of where it prints them: add it, so
+    that each command's help stays on its line."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += self._indent_increment
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
@@ -198,7 +222,15 @@ def _add_filters(parser: argparse.ArgumentParser, replay: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The dead-letter admin (SPEC §6), backed by SQL.")
+    parser = _Parser(
+        prog=PROG,
+        description="The dead-letter admin: list, show, replay onto the work queue, purge\n"
+        "and count the rows of the dead_letters table in PostgreSQL; and the provider's\n"
+        "health per partition.",
+        epilog=ADMIN_EPILOG,
+        formatter_class=_WideHelp,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     listing = commands.add_parser("list", help="dead letters, newest first")
@@ -262,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_filters(stats)
     stats.add_argument("--json", action="store_true")
+
+    partitions = commands.add_parser(
+        "partitions",
+        help="the provider's health per partition; hold one open or close it",
+        description="List the partitions that have failed or hold parked messages; hold one "
+        "open (nothing sent or probed until closed) or close one now (its parked messages are "
+        "released at once).",
+    )
+    partitions.add_argument("--json", action="store_true")
+    steering = partitions.add_subparsers(dest="action", metavar="ACTION")
+    for action, what in (
+        ("hold", "hold it open until closed: nothing sent or probed, everything parks"),
+        ("close", "close it now: its parked messages are released at once"),
+    ):
+        steer = steering.add_parser(action, help=what)
+        steer.add_argument("key", metavar="KEY", help="the partition, e.g. email|premium")
     return parser
 
 
@@ -347,6 +395,16 @@ async def _stats(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> 
         render.to_json(render.stats_json(result)) if args.json else render.stats_text(result),
         file=out,
     )
+
+
+async def _partitions(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> None:
+    if args.action is not None:
+        after = await partitions_module.steer(engine, args.action, args.key)
+        print(f"{after.key}: {after.state.value}{' (held)' if after.held else ''}", file=out)
+        return
+    rows = await partitions_module.list_partitions(engine)
+    shown = partitions_module.partitions_json if args.json else partitions_module.partitions_table
+    print(shown(rows), file=out)
 
 
 async def _purge(engine: AsyncEngine, args: argparse.Namespace, out: TextIO) -> None:
@@ -453,7 +511,13 @@ async def run_admin(
             if args.command == "replay":
                 await _replay(engine, settings, args, out, err)
             else:
-                command = {"list": _list, "show": _show, "stats": _stats, "purge": _purge}
+                command = {
+                    "list": _list,
+                    "show": _show,
+                    "stats": _stats,
+                    "purge": _purge,
+                    "partitions": _partitions,
+                }
                 await command[args.command](engine, args, out)
         except BrokenPipeError:
             raise  # the reader of our output went away (`| head`): not a database error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from sqlalchemy.exc import SQLAlchemyError
+from worker.errors import describe_error
 
 
 class AdminError(Exception):
@@ -25,13 +25,7 @@ class Failure(AdminError):
     exit_code = 1
 
 
-def describe(exc: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line: the driver's error for a database error, never its SQL."""
-    if isinstance(exc, SQLAlchemyError) and getattr(exc, "orig", None) is not None:
-        exc = exc.orig  # type: ignore[attr-defined]
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+describe = describe_error  # ``Type: message`` on one line: the driver's error, never its SQL
 
 
 def scrub(message: str, *urls: str) -> str:

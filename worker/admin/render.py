@@ -1,9 +1,16 @@
-"""How the admin shows rows: aligned tables for people, JSON with stable keys for scripts."""
+"""How the admin shows rows: aligned tables for people, JSON with stable keys for scripts.
+
+What it prints came from outside (provider error text, routing keys, headers, payloads), so
+nothing reaches the terminal raw: control characters (C0, DEL, C1 such as the 8-bit CSI) and
+the bidirectional overrides that reorder what a line seems to say are printed escaped
+(``\x1b``, ``\u202e``), in tables, in ``show`` and in the JSON output alike.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +48,29 @@ DELIVERY_KEYS = (
     "updated_at",
 )
 ERROR_WIDTH = 60
+_BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+# in one-line cells: every control character; in blocks (show's JSON): all but the newline
+_UNSAFE_IN_LINE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_UNSAFE_IN_BLOCK = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f{_BIDI}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(value: object) -> str:
+    """``value`` as one line safe for a terminal: control characters escaped."""
+    return _UNSAFE_IN_LINE.sub(_escape, str(value))
+
+
+def printable_block(text: str) -> str:
+    """Lines safe for a terminal: control characters but the newline escaped."""
+    return _UNSAFE_IN_BLOCK.sub(_escape, text)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -61,19 +91,21 @@ def record(row: Any, keys: Sequence[str]) -> dict[str, object]:
 
 
 def to_json(value: object) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    # json escapes C0 already; C1 and bidi characters become \\u escapes (valid in strings,
+    # the only place they can be)
+    return _UNSAFE_IN_BLOCK.sub(_json_escape, json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def truncate(text: str | None, width: int) -> str:
     if not text:
         return "-"
-    flat = " ".join(text.split())
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int]) -> str:
     """Columns padded to their widest cell; ``right`` holds the numeric columns' indexes."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    cells = [[str(h) for h in headers], *[[printable(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -122,7 +154,7 @@ def payload_views(payload: bytes) -> tuple[object | None, str]:
             problem = "UTF-8 but not JSON"
         else:
             return value, to_json(value)
-    return None, f"{problem}; escaped: {payload!r}\nhex: {payload.hex(' ')}"
+    return None, printable_block(f"{problem}; escaped: {payload!r}\nhex: {payload.hex(' ')}")
 
 
 def show_json(row: Any, delivery: Any | None) -> dict[str, object]:
@@ -154,7 +186,9 @@ def show_text(row: Any, delivery: Any | None) -> str:
         ("routing_key", row.routing_key or "-"),
     ]
     lines = [f"dead letter {row.id}"]
-    lines += [f"  {name:<24}{value}" for name, value in fields]
+    if getattr(row, "sanitised", None):
+        fields.append(("sanitised", f"{row.sanitised} (made storable; payload exact)"))
+    lines += [f"  {name:<24}{printable(value)}" for name, value in fields]
     if row.idempotency_key is None:
         lines.append("delivery: none (an invalid body has no idempotency key)")
     elif delivery is None:
@@ -163,7 +197,7 @@ def show_text(row: Any, delivery: Any | None) -> str:
         lines.append("delivery (current status of its key)")
         for key in DELIVERY_KEYS:
             value = _jsonable(getattr(delivery, key))
-            lines.append(f"  {key:<24}{'-' if value is None else value}")
+            lines.append(f"  {key:<24}{'-' if value is None else printable(value)}")
     lines.append("headers")
     lines.append(_indent(to_json(row.headers)))
     lines.append(f"payload ({len(payload)} bytes)")

@@ -3,7 +3,9 @@
 It owns the fake provider's side of the contract: it accepts notifications once per idempotency
 key (409 with the first id afterwards), fails on demand through switchable `Rule`s (any status,
 `Retry-After`, accept-then-drop, a limited number of times, or with a seeded probability), and
-records every request in arrival order. Tests run it in-process (`DemoProvider`), where an
+records every request in arrival order. `latency_ms` delays each answer; `capacity` (None: no
+limit) caps how many requests are handled at once, the rest wait their turn, so a provider
+that comes back slower can be modelled. Tests run it in-process (`DemoProvider`), where an
 `on_request` hook runs while each recorded request is still unanswered (the fault suite kills a
 worker mid-call with it); the demo and docker compose run it standalone
 (`python -m worker.tooling.demo_provider`), driven by a control API.
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 CHANNELS = frozenset({"email", "sms"})
 REQUIRED_FIELDS = ("idempotency_key", "ticker", "price", "occurred_at", "audience")
+ERROR_BODIES = ("json", "binary", "huge")
+HUGE_BODY_BYTES = 10 * 2**20
+_BINARY_PAGE = b"\x00\xff\xfe<html>\x00\x1b[31mBad Gateway\xc3\x28\x00\xed\xa0\x80</html>\x00"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class Rule:
 
     `drop` accepts the key, then cuts the connection without answering (`status` is unused).
     `times` limits how often the rule fires; `probability` makes it fire only sometimes.
+    `body` shapes the failure's body: "json" (a short error object), "binary" (a proxy's
+    binary error page, NUL bytes and invalid UTF-8), "huge" (a 10 MB error page).
+    `nul_id` accepts the key instead and answers 200 with an `id` holding a NUL.
     """
 
     channel: str | None = None
@@ -48,8 +56,12 @@ class Rule:
     drop: bool = False
     times: int | None = None
     probability: float = 1.0
+    body: str = "json"
+    nul_id: bool = False
 
     def __post_init__(self) -> None:
+        if self.body not in ERROR_BODIES:
+            raise ValueError(f"body must be one of {', '.join(ERROR_BODIES)}, got {self.body!r}")
         if not 100 <= self.status <= 599:
             raise ValueError(f"status must be an HTTP status, got {self.status!r}")
         if not 0.0 <= self.probability <= 1.0:
@@ -95,11 +107,14 @@ class DemoProvider:
         rules: Iterable[Rule] = (),
         *,
         latency_ms: int = 0,
+        capacity: int | None = None,
         seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.latency_ms = latency_ms
+        self._slots: asyncio.Semaphore | None = None
+        self.capacity = capacity
         # awaited with each recorded request before its answer is written
         self.on_request: Callable[[RequestRecord], Awaitable[None]] | None = None
         self._seed = seed
@@ -116,6 +131,7 @@ class DemoProvider:
                 web.post("/v1/notifications/{channel}", self._notify),
                 web.get("/_control/requests", self._get_requests),
                 web.get("/_control/accepted", self._get_accepted),
+                web.get("/_control/stats", self._get_stats),
                 web.put("/_control/rules", self._put_rules),
                 web.delete("/_control/state", self._delete_state),
             ]
@@ -187,14 +203,39 @@ class DemoProvider:
         if key in self._accepted:
             return web.json_response({"id": self._accepted[key]}, status=409), False
         rule = self._firing_rule(channel, audience)
-        if rule is None or rule.drop:
-            self._accepted[key] = message_id = f"msg-{next(self._ids)}"
-            return web.json_response({"id": message_id}), rule is not None
+        if rule is None or rule.drop or rule.nul_id:
+            nul = "\x00" if rule is not None and rule.nul_id else ""
+            self._accepted[key] = message_id = f"msg-{nul}{next(self._ids)}"
+            return web.json_response({"id": message_id}), rule is not None and rule.drop
         headers = {} if rule.retry_after is None else {"Retry-After": str(rule.retry_after)}
+        if rule.body == "binary":
+            page = web.Response(body=_BINARY_PAGE, status=rule.status, headers=headers)
+            return page, False
+        if rule.body == "huge":
+            filler = b"<html>" + b"x" * (HUGE_BODY_BYTES - 13) + b"</html>"
+            return web.Response(body=filler, status=rule.status, headers=headers), False
         error = {"error": f"injected failure {rule.status}"}
         return web.json_response(error, status=rule.status, headers=headers), False
 
+    @property
+    def capacity(self) -> int | None:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ValueError(f"capacity must be at least 1, got {value!r}")
+        self._capacity = value
+        self._slots = None if value is None else asyncio.Semaphore(value)
+
     async def _notify(self, request: web.Request) -> web.Response:
+        slots = self._slots
+        if slots is None:
+            return await self._handle(request)
+        async with slots:
+            return await self._handle(request)
+
+    async def _handle(self, request: web.Request) -> web.Response:
         channel = request.match_info["channel"]
         key = request.headers.get("Idempotency-Key", "")
         if channel not in CHANNELS:
@@ -228,15 +269,16 @@ class DemoProvider:
             seq=len(self._requests),
         )
         self._requests.append(record)
-        logger.info(
-            "#%d %s %s audience=%s key=%s -> %s",
-            record.seq,
-            channel,
-            record.ticker,
-            record.audience,
-            key,
-            "dropped" if drop else response.status,
-        )
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "#%d %s %s audience=%s key=%s -> %s",
+                record.seq,
+                channel,
+                record.ticker,
+                record.audience,
+                key,
+                "dropped" if drop else response.status,
+            )
         if self.on_request is not None:
             await self.on_request(record)
         if self.latency_ms > 0:
@@ -253,17 +295,38 @@ class DemoProvider:
     async def _get_accepted(self, request: web.Request) -> web.Response:
         return web.json_response(self._accepted)
 
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        """Counts only, cheap enough to poll: requests seen and keys accepted."""
+        return web.json_response(
+            {
+                "requests": len(self._requests),
+                "accepted": len(self._accepted),
+                "latency_ms": self.latency_ms,
+                "capacity": self.capacity,
+            }
+        )
+
     async def _put_rules(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
             rules = [Rule.from_dict(rule) for rule in body["rules"]]
             latency_ms = int(body.get("latency_ms", self.latency_ms))
+            capacity = body.get("capacity", self.capacity)
+            if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+                raise ValueError(f"capacity must be null or a positive integer, got {capacity!r}")
         except (ValueError, TypeError, KeyError) as exc:
-            return _rejection(400, f"expected {{'rules': [rule, ...], 'latency_ms': N}}: {exc}")
+            return _rejection(
+                400, f"expected {{'rules': [rule, ...], 'latency_ms': N, 'capacity': N}}: {exc}"
+            )
         self.set_rules(rules)
         self.latency_ms = latency_ms
+        self.capacity = capacity
         return web.json_response(
-            {"rules": [rule.to_dict() for rule in rules], "latency_ms": latency_ms}
+            {
+                "rules": [rule.to_dict() for rule in rules],
+                "latency_ms": latency_ms,
+                "capacity": capacity,
+            }
         )
 
     async def _delete_state(self, request: web.Request) -> web.Response:
@@ -309,13 +372,33 @@ def main(argv: list[str] | None = None) -> int:
         help='a failure rule, e.g. \'{"channel": "email", "audience": "b", "status": 500}\'',
     )
     parser.add_argument("--latency-ms", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    provider = DemoProvider(
-        args.rule, latency_ms=args.latency_ms, seed=args.seed, host=args.host, port=args.port
+    parser.add_argument(
+        "--capacity", type=int, default=None, help="requests handled at once (default: no limit)"
     )
-    asyncio.run(_serve(provider))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quiet", action="store_true", help="no log line per request (the benchmarks)"
+    )
+    parser.add_argument("--uvloop", action="store_true", help="serve on uvloop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    provider = DemoProvider(
+        args.rule,
+        latency_ms=args.latency_ms,
+        capacity=args.capacity,
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+    )
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(_serve(provider))
+    else:
+        asyncio.run(_serve(provider))
     return 0
 
 

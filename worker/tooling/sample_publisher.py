@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import signal
@@ -24,6 +23,7 @@ import structlog
 
 from worker.logs import configure_logging
 from worker.settings import ConfigError, load_settings
+from worker.stopping import pause_unless_stopped
 
 TICKERS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "JPM")
 CHANNELS = ("email", "sms")
@@ -69,8 +69,7 @@ async def publish(
             await exchange.publish(message, routing_key=f"prices.{body['ticker'].lower()}")
             published += 1
             log.info("published", number=published, **body)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await pause_unless_stopped(stop, interval)
     return published
 
 

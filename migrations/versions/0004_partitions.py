@@ -1,8 +1,8 @@
 """partition_health and parked_messages: the provider's health per partition, and the
 messages parked while their partition is open
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-01
 """
 
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("probe_token", postgresql.UUID(as_uuid=True)),
         sa.Column("probe_until", sa.DateTime(timezone=True)),
         sa.Column("probed_at", sa.DateTime(timezone=True)),
+        sa.Column("healed_at", sa.DateTime(timezone=True)),
         sa.Column("last_error", sa.Text()),
         sa.Column(
             "changed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
@@ -56,7 +57,6 @@ def upgrade() -> None:
         sa.Column(
             "parked_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
-        sa.UniqueConstraint("idempotency_key", name="parked_messages_idempotency_key_key"),
     )
     op.create_index("parked_messages_partition_idx", "parked_messages", ["partition_key", "due_at"])
     op.create_index("parked_messages_expires_at_idx", "parked_messages", ["expires_at"])
