@@ -122,5 +122,7 @@ async def test_auto_with_a_retry_exchange_of_a_type_it_cannot_use_is_one_line(
     if has_plugin:
         pytest.skip("the broker has the plugin: a direct exchange is simply in the way")
     with pytest.raises(ConfigError, match="DELAY_BACKEND"):
-        await declare_delay_backend(AMQP_URL, channel, topology, harness.settings())
+        await declare_delay_backend(
+            AMQP_URL, channel, topology, harness.settings(delay_backend="auto")
+        )
     await channel.close()

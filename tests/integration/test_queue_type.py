@@ -41,7 +41,7 @@ async def test_worker_run_exits_2_with_one_line(harness: Harness) -> None:
         "WORKER_SOURCE_EXCHANGE": settings.source_exchange,
         "WORKER_QUEUE_TYPE": "quorum",
         "WORKER_METRICS_PORT": "0",
-        "WORKER_LOG_FORMAT": "json",
+        "WORKER_LOG_FORMAT": "console",  # a fatal error: one line on stderr
     }
     code = "import sys; from worker.cli import main; sys.exit(main(['run']))"
     process = await asyncio.create_subprocess_exec(
