@@ -31,7 +31,7 @@ async def measure(per_delay: int) -> None:
     connection = await aio_pika.connect(settings.amqp_url)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     topology = await declare_topology(channel, settings)
-    cascade = await TtlCascade.declare(channel, topology)
+    cascade = await TtlCascade.declare(channel, topology, settings)
     plan = [d for d in DELAYS for _ in range(per_delay)]
     random.shuffle(plan)
     due: dict[str, tuple[int, float]] = {}

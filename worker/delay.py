@@ -26,8 +26,9 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.exceptions import ChannelPreconditionFailed, ConnectionCommandInvalid
 
-from worker.settings import ENV_PREFIX, ConfigError, DelayBackendName
-from worker.topology import Names, Topology
+from worker.envelope import read_attempt
+from worker.settings import ENV_PREFIX, ConfigError, DelayBackendName, QueueType, Settings
+from worker.topology import Names, Topology, declare_queue, quorum_arguments
 
 log = structlog.get_logger("worker.delay")
 
@@ -43,7 +44,8 @@ class DelayBackend(Protocol):
         """Which backend this is, for logs and metrics."""
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
-        """Publish ``message`` to come back to the work queue after the delay, confirmed."""
+        """Publish ``message`` to come back after the delay, confirmed, to the work queue of
+        its ``x-attempt`` (quorum mode: one queue per attempt)."""
 
 
 def delay_routing_key(seconds: int, destination: str) -> str:
@@ -68,78 +70,100 @@ def _pattern(level: int, bit: str) -> str:
 @dataclass(frozen=True, slots=True)
 class TtlCascade:
     entry: AbstractExchange
-    destination: str
+    topology: Topology
     name: ClassVar[DelayBackendName] = DelayBackendName.TTL
 
     @classmethod
-    async def declare(cls, channel: AbstractChannel, topology: Topology) -> TtlCascade:
-        names, work_queue = topology.names, topology.work_queue
+    async def declare(
+        cls, channel: AbstractChannel, topology: Topology, settings: Settings
+    ) -> TtlCascade:
+        """Classic mode: the cascade ends in the work queue. Quorum mode: its levels are
+        quorum queues dead-lettering at-least-once (a message moving down survives a node's
+        death), and it ends in ``<queue>.delay.out``, which routes by the routing key's last
+        words, the attempt queue the message is for."""
+        names = topology.names
+        quorum = topology.queue_type is QueueType.QUORUM
         entry = await channel.declare_exchange(
             names.retry, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        # A zero delay goes straight to the work queue.
-        await work_queue.bind(entry, routing_key="0." * LEVELS + "#")
+        out: AbstractExchange | None = None
+        if quorum:
+            out = await channel.declare_exchange(
+                names.delay_exit, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            for queue in topology.work_queues:
+                await queue.bind(out, routing_key="*." * LEVELS + queue.name)
+            await out.bind(entry, routing_key="0." * LEVELS + "#")  # a zero delay
+        else:
+            # A zero delay goes straight to the work queue.
+            await topology.work_queue.bind(entry, routing_key="0." * LEVELS + "#")
         lower: AbstractExchange | None = None
         for level in range(LEVELS):
             exchange = await channel.declare_exchange(
                 names.delay_level(level), aio_pika.ExchangeType.TOPIC, durable=True
             )
-            dead_letter = (
-                {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.queue}
-                if lower is None
-                else {"x-dead-letter-exchange": lower.name}
-            )
-            queue = await channel.declare_queue(
-                names.delay_level(level),
-                durable=True,
-                arguments={
-                    "x-queue-type": "classic",
-                    "x-message-ttl": 2**level * 1000,
-                    **dead_letter,
-                },
-            )
-            await queue.bind(exchange, routing_key=_pattern(level, "1"))
-            if lower is None:
-                await work_queue.bind(exchange, routing_key=_pattern(level, "0"))
+            if lower is not None:
+                dead_letter = {"x-dead-letter-exchange": lower.name}
+            elif quorum:
+                dead_letter = {"x-dead-letter-exchange": names.delay_exit}
             else:
+                dead_letter = {
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": names.queue,
+                }
+            ttl = {"x-message-ttl": 2**level * 1000}
+            arguments = (
+                {**quorum_arguments(settings, dead_letter), **ttl}
+                if quorum
+                else {"x-queue-type": "classic", **ttl, **dead_letter}
+            )
+            queue = await declare_queue(channel, names.delay_level(level), arguments)
+            await queue.bind(exchange, routing_key=_pattern(level, "1"))
+            if lower is not None:
                 await lower.bind(exchange, routing_key=_pattern(level, "0"))
+            elif out is not None:
+                await out.bind(exchange, routing_key=_pattern(level, "0"))
+            else:
+                await topology.work_queue.bind(exchange, routing_key=_pattern(level, "0"))
             # Enter the cascade at the level of the delay's highest set bit.
             await exchange.bind(entry, routing_key="0." * (LEVELS - 1 - level) + "1.#")
             lower = exchange
-        return cls(entry, names.queue)
+        return cls(entry, topology)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
         # rounded up: a Retry-After of 2.4 s is never retried after 2 s
         seconds = _whole(delay_seconds, 1, MAX_DELAY_SECONDS)
+        destination = self.topology.queue_for(read_attempt(message.headers))
         # mandatory: a cascade that is missing must raise, not swallow the retry
         await self.entry.publish(
-            message, routing_key=delay_routing_key(seconds, self.destination), mandatory=True
+            message, routing_key=delay_routing_key(seconds, destination), mandatory=True
         )
 
 
 @dataclass(frozen=True, slots=True)
 class PluginDelay:
     exchange: AbstractExchange
-    destination: str
+    topology: Topology
     name: ClassVar[DelayBackendName] = DelayBackendName.PLUGIN
 
     @classmethod
     async def declare(cls, channel: AbstractChannel, topology: Topology) -> PluginDelay:
-        names, work_queue = topology.names, topology.work_queue
         exchange = await channel.declare_exchange(
-            names.retry,
+            topology.names.retry,
             "x-delayed-message",
             durable=True,
             arguments={"x-delayed-type": "direct"},
         )
-        await work_queue.bind(exchange, routing_key=names.queue)
-        return cls(exchange, names.queue)
+        for queue in topology.work_queues:  # each work queue under its own name
+            await queue.bind(exchange, routing_key=queue.name)
+        return cls(exchange, topology)
 
     async def publish(self, message: aio_pika.Message, delay_seconds: float) -> None:
         message.headers["x-delay"] = _whole(delay_seconds, 1000, MAX_PLUGIN_DELAY_MS)
+        destination = self.topology.queue_for(read_attempt(message.headers))
         # Not mandatory: the plugin answers every delayed publish with a no-route return
         # although it delivers the message later.
-        await self.exchange.publish(message, routing_key=self.destination, mandatory=False)
+        await self.exchange.publish(message, routing_key=destination, mandatory=False)
 
 
 @contextlib.contextmanager
@@ -217,16 +241,19 @@ async def declare_delay_backend(
     amqp_url: str,
     channel: AbstractChannel,
     topology: Topology,
-    wanted: DelayBackendName,
+    settings: Settings,
 ) -> DelayBackend:
-    """Declare the chosen backend; ``auto`` takes the plugin when the broker has it.
+    """Declare the chosen backend; ``auto`` takes the plugin when the broker has it, except
+    in quorum mode: the plugin keeps its delayed messages on one node, unreplicated.
 
     ``auto`` keeps the backend the queue already has: a broker that gained the plugin since
     ``<queue>.retry`` was declared for ``ttl`` (or lost it, the other way round) would
     otherwise refuse the declaration on every start, and every replica would crash-loop.
     """
-    if wanted is DelayBackendName.TTL:
-        return await TtlCascade.declare(channel, topology)
+    wanted = settings.delay_backend
+    quorum = topology.queue_type is QueueType.QUORUM
+    if wanted is DelayBackendName.TTL or (quorum and wanted is DelayBackendName.AUTO):
+        return await TtlCascade.declare(channel, topology, settings)
     has_plugin = await broker_has_plugin(amqp_url, topology.names)
     if wanted is DelayBackendName.PLUGIN:
         if not has_plugin:
@@ -253,4 +280,4 @@ async def declare_delay_backend(
         choice = other
     if choice is DelayBackendName.PLUGIN:
         return await PluginDelay.declare(channel, topology)
-    return await TtlCascade.declare(channel, topology)
+    return await TtlCascade.declare(channel, topology, settings)

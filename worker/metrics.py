@@ -75,3 +75,9 @@ PARKED = Gauge(
 RELEASED_MESSAGES = Counter(
     "notifications_released_total", "Parked messages released back to the work queue"
 )
+
+DELIVERY_LIMIT_REACHED = Counter(
+    "notifications_delivery_limit_reached_total",
+    "Messages the broker dead-lettered to <queue>.limit for being returned WORKER_DELIVERY_LIMIT "
+    "times (quorum mode), then run to their outcome from there",
+)

@@ -185,7 +185,14 @@ class ParkingLot:
             healed.clear()  # a heal from here on wakes the wait below
             try:
                 await self.tick(publish, count=tick % _COUNT_EVERY_TICKS == 0)
-            except (SQLAlchemyError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            except (
+                SQLAlchemyError,
+                OSError,
+                aio_pika.exceptions.AMQPError,
+                # the channel while the connection is being restored (a RuntimeError, not an
+                # AMQPError): without it the releaser died at a broker's or node's loss
+                aio_pika.exceptions.ChannelInvalidStateError,
+            ) as exc:
                 # the replica's gate and reconnects deal with outages; try again next tick
                 log.warning("release_failed", error=describe_error(exc))
             tick += 1

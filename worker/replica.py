@@ -1,7 +1,8 @@
 """The long-lived replica: connections, the scheduler's slots, and a graceful stop.
 
-One robust AMQP connection (it reconnects by itself and restores channels, QoS and
-consumers), one pooled database engine and one provider session per process.
+One robust AMQP connection (it reconnects by itself, to the next of a cluster's nodes, and
+restores channels, QoS and consumers), one pooled database engine and one provider session
+per process.
 ``WORKER_CONCURRENCY`` messages run at once, each in a slot of :mod:`worker.scheduler`:
 fresh messages from the ingress queue first, retries from the work queue only for a spare
 slot, so that no buffer of old retries is hoarded while fresh messages wait.
@@ -23,19 +24,20 @@ from aiormq.exceptions import ProbableAuthenticationError
 
 from worker import db_errors
 from worker.breaker import BreakerConfig
+from worker.broker import connect_cluster, node_of
 from worker.db_errors import DbErrorKind
 from worker.delay import declare_delay_backend
-from worker.envelope import channel_closed
+from worker.envelope import channel_closed, read_attempt
 from worker.errors import describe_error
 from worker.health import HealthServer
-from worker.metrics import DELAY_BACKEND, IN_FLIGHT, RETURNED
+from worker.metrics import DELAY_BACKEND, DELIVERY_LIMIT_REACHED, IN_FLIGHT, RETURNED
 from worker.parking import ParkingLot
 from worker.partitions import PartitionBoard
 from worker.persistence import DeliveryStore, create_engine
 from worker.pipeline import Pipeline
 from worker.provider import ProviderClient
 from worker.scheduler import Scheduler
-from worker.settings import Settings
+from worker.settings import QueueType, Settings
 from worker.stopping import until_stopped, within
 from worker.topology import declare_topology
 
@@ -178,11 +180,11 @@ class Replica:
             auth = isinstance(exc, ProbableAuthenticationError)
             return isinstance(exc, (AMQPConnectionError, OSError)) and not auth
 
-        return await until_stopped(
+        connection = await until_stopped(
             stop,
             partial(
-                aio_pika.connect_robust,
-                settings.amqp_url,
+                connect_cluster,
+                settings.amqp_urls,
                 reconnect_interval=_RECONNECT_SECONDS,
                 # names the replica in the management UI and `rabbitmqctl list_connections`
                 client_properties={"connection_name": f"worker {settings.queue} pid {os.getpid()}"},
@@ -191,6 +193,10 @@ class Replica:
             on_failure=lambda exc: log.warning("broker_unreachable", error=describe_error(exc)),
             pause=_RECONNECT_SECONDS,
         )
+        if connection is not None:
+            log.info("broker_connected", node=node_of(connection))
+            connection.reconnect_callbacks.add(_log_reconnected)
+        return connection
 
     async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -230,22 +236,27 @@ class Replica:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, settings)
         delay = await declare_delay_backend(
-            settings.amqp_url, channel, topology, settings.delay_backend
+            str(getattr(connection, "url", settings.amqp_urls[0])), channel, topology, settings
         )
         pipeline = Pipeline(settings, self._store, provider, delay, self._board, self._parking)
-        work_queue = topology.names.queue
 
         async def release(message: aio_pika.Message) -> None:
-            await channel.default_exchange.publish(message, routing_key=work_queue, mandatory=True)
+            # to the work queue of its attempt (classic mode: the one work queue)
+            destination = topology.queue_for(read_attempt(message.headers))
+            await channel.default_exchange.publish(message, routing_key=destination, mandatory=True)
 
         releaser = asyncio.create_task(self._parking.run(release, stop))
 
         # Fresh messages: consumed from the ingress queue, two rounds of slots ahead. Retries:
-        # fetched from the work queue on a channel of their own, only for a spare slot.
+        # fetched from the work queues (fewest attempts first) on a channel of their own, only
+        # for a spare slot.
         await channel.set_qos(prefetch_count=2 * settings.concurrency)
         ingress = await channel.get_queue(topology.names.ingress)
         retry_channel = await connection.channel()
-        retries = await retry_channel.get_queue(topology.names.queue)
+        retries = [await retry_channel.get_queue(queue.name) for queue in topology.work_queues]
+        if settings.queue_type is QueueType.QUORUM:
+            # what the broker dead-lettered at the delivery limit: served last, to its outcome
+            retries.append(await retry_channel.get_queue(topology.names.limit))
         scheduler = Scheduler(settings.concurrency, retries, partial(self._start, pipeline.handle))
         self._scheduler = scheduler
         ingress_tag = await ingress.consume(self._offer)
@@ -255,6 +266,9 @@ class Replica:
         log.info(
             "started",
             queue=topology.names.queue,
+            queue_type=settings.queue_type,
+            work_queues=len(topology.work_queues),
+            node=node_of(connection),
             delay_backend=delay.name,
             concurrency=settings.concurrency,
             settings=settings.safe_dump(),  # every setting, secrets masked
@@ -316,6 +330,9 @@ class Replica:
 
     async def _handle(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
         IN_FLIGHT.inc()
+        if _limit_reached(incoming):
+            DELIVERY_LIMIT_REACHED.inc()
+            log.warning("delivery_limit_reached", limit=self.settings.delivery_limit)
         try:
             await self._gate.wait_open()
             if channel_closed(incoming):
@@ -363,6 +380,19 @@ class Replica:
             await asyncio.wait(pending)
             RETURNED.labels("shutdown").inc(len(pending))
             log.warning("returned_unfinished", count=len(pending))
+
+
+def _limit_reached(incoming: AbstractIncomingMessage) -> bool:
+    """Dead-lettered by the broker for being returned ``WORKER_DELIVERY_LIMIT`` times."""
+    deaths = (incoming.headers or {}).get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return False
+    reason = deaths[0].get("reason")
+    return (reason.decode() if isinstance(reason, bytes) else reason) == "delivery_limit"
+
+
+def _log_reconnected(connection: object, *_: object) -> None:
+    log.info("broker_reconnected", node=node_of(connection))  # type: ignore[arg-type]
 
 
 async def _return(incoming: AbstractIncomingMessage, cause: str) -> None:

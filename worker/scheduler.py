@@ -7,6 +7,12 @@ messages and replays wait in the priority work queue and are fetched one at a ti
 hands out fewer attempts before more. So new messages are served before retries, and
 fewer attempts before more, whenever both wait (SPEC §7), without moving every new message
 through a second queue.
+
+Quorum mode has no priority queue: the work queue's priorities are a list of queues, one per
+attempt, and a spare slot takes the head of the first non-empty one, fewest attempts first
+(classic mode: a list of one). With nothing anywhere the look-ups back off, up to one round
+of the list per ``POLL_SECONDS`` per queue, so an idle replica asks the broker no more often
+than with the one classic queue.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -33,10 +39,13 @@ Start = Callable[[AbstractIncomingMessage], None]
 
 
 class Scheduler:
-    def __init__(self, slots: int, retries: AbstractQueue, start: Start) -> None:
-        """``start`` runs a message in one slot and must call :meth:`release` when done."""
+    def __init__(self, slots: int, retries: Sequence[AbstractQueue], start: Start) -> None:
+        """``start`` runs a message in one slot and must call :meth:`release` when done;
+        ``retries``: the work queues in the order to serve them (classic mode: one)."""
         self._free = asyncio.Semaphore(slots)
-        self._retries = retries
+        self._retries = list(retries)
+        # empty rounds wait POLL_SECONDS, doubling up to this (one queue: no backoff)
+        self._max_poll = POLL_SECONDS * len(self._retries)
         self._start = start
         self._fresh: deque[AbstractIncomingMessage] = deque()
         self._arrived = asyncio.Event()
@@ -76,20 +85,23 @@ class Scheduler:
             self._start(incoming)
 
     async def _next(self) -> AbstractIncomingMessage | None:
+        poll = POLL_SECONDS
         while not self._closed:
             if self._fresh:
                 return self._fresh.popleft()
             self._arrived.clear()
-            retry = await self._fetch_retry()
-            if retry is not None:
-                return retry
+            for queue in self._retries:
+                retry = await self._fetch_retry(queue)
+                if retry is not None:
+                    return retry
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), POLL_SECONDS)
+                await asyncio.wait_for(self._arrived.wait(), poll)
+            poll = min(poll * 2, self._max_poll)
         return None
 
-    async def _fetch_retry(self) -> AbstractIncomingMessage | None:
+    async def _fetch_retry(self, queue: AbstractQueue) -> AbstractIncomingMessage | None:
         try:
-            return await self._retries.get(no_ack=False, fail=False)
+            return await queue.get(no_ack=False, fail=False)
         except (AMQPError, ChannelInvalidStateError, OSError) as exc:
             log.warning("retry_fetch_failed", error=describe_error(exc))
             await asyncio.sleep(_FETCH_ERROR_PAUSE_SECONDS)

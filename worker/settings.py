@@ -24,6 +24,11 @@ class DelayBackendName(StrEnum):
     TTL = "ttl"
 
 
+class QueueType(StrEnum):
+    CLASSIC = "classic"
+    QUORUM = "quorum"
+
+
 class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
@@ -78,7 +83,12 @@ MAX_QUEUE_BYTES = 255 - _DELAY_ROUTING_PREFIX_BYTES
 
 def mask_url(url: str) -> str:
     """Hide the password of a URL (in its user info or its query, as ``?password=``) so that
-    it can be logged; hide all of an unreadable one."""
+    it can be logged; hide all of an unreadable one.
+
+    A comma-separated list of URLs (``WORKER_AMQP_URL`` of a cluster) is masked URL by URL.
+    """
+    if "," in url:
+        return ",".join(mask_url(part.strip()) for part in url.split(","))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -99,7 +109,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL")
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="RabbitMQ URL, or a comma-separated list of a cluster's nodes' URLs",
+    )
     database_url: str = Field(
         "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
         description="PostgreSQL URL (SQLAlchemy form, asyncpg driver)",
@@ -129,6 +142,15 @@ class Settings(BaseSettings):
         description="Messages in flight per replica (fresh ones prefetched: twice this)",
     )
     max_priority: int = Field(10, ge=1, le=255, description="x-max-priority of the work queue")
+    queue_type: QueueType = Field(
+        QueueType.CLASSIC,
+        description="classic (one node) or quorum (replicated; one work queue per attempt)",
+    )
+    delivery_limit: int = Field(
+        1000,
+        ge=1,
+        description="quorum: x-delivery-limit; returned this often, a message moves to .limit",
+    )
     max_attempts: int = Field(
         10,
         ge=1,
@@ -236,9 +258,27 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in {"amqp", "amqps"}:
-            raise ValueError("must be an amqp:// or amqps:// URL")
-        return value
+        urls = [part.strip() for part in value.split(",")]
+        if any(urlsplit(url).scheme not in {"amqp", "amqps"} for url in urls):
+            raise ValueError("must be an amqp:// or amqps:// URL, or a comma-separated list")
+        return ",".join(urls)
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's node URLs, in the order to try them."""
+        return self.amqp_url.split(",")
+
+    @property
+    def attempt_queues(self) -> int:
+        """How many work queues stand in for the priorities (quorum mode; classic: one).
+
+        One per attempt a message can come back with (0 … max_attempts − 1), as the classic
+        work queue's priorities tell apart ``max_priority + 1`` of them; attempts beyond the
+        last share its queue, as they share priority 0 in classic mode.
+        """
+        if self.queue_type is QueueType.CLASSIC:
+            return 1
+        return min(self.max_attempts, self.max_priority + 1)
 
     @field_validator("database_url")
     @classmethod

@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,10 +24,10 @@ from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from worker.cli import migrate
-from worker.delay import LEVELS
 from worker.replica import Replica
 from worker.settings import Settings, load_settings
 from worker.tooling.demo_provider import DemoProvider
+from worker.tooling.fleet import delete_broker_objects
 from worker.topology import Names
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -115,12 +115,13 @@ class Harness:
     source_exchange: str
     engine: AsyncEngine
     overrides: dict[str, Any] = field(default_factory=dict)
+    amqp_url: str = AMQP_URL  # the cluster's tests: every node's URL, comma-separated
     _replicas: list[tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=list)
     _channel: AbstractChannel | None = None
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "amqp_url": AMQP_URL,
+            "amqp_url": self.amqp_url,
             "database_url": self.database_url,
             "provider_url": self.provider.url,
             "queue": self.names.queue,
@@ -237,23 +238,19 @@ class Harness:
 
     async def cleanup_broker(self) -> None:
         # a connection of its own: a test may have had the broker close the shared one
-        connection = await aio_pika.connect(AMQP_URL)
-        channel = await connection.channel()
-        queues = [self.names.queue, self.names.ingress]
-        queues += [self.names.delay_level(level) for level in range(LEVELS)]
-        for queue in queues:
-            await channel.queue_delete(queue)
-        exchanges = [self.names.retry, self.source_exchange]
-        exchanges += [self.names.delay_level(level) for level in range(LEVELS)]
-        for exchange in exchanges:
-            await channel.exchange_delete(exchange)
-        await connection.close()
+        attempt_queues = self.settings().attempt_queues
+        await delete_broker_objects(self.amqp_url, self.names, self.source_exchange, attempt_queues)
 
 
-@pytest.fixture
-async def harness(
-    database_url: str, provider: DemoProvider, amqp: AbstractConnection
+@asynccontextmanager
+async def running_harness(
+    database_url: str,
+    provider: DemoProvider,
+    amqp: AbstractConnection,
+    amqp_url: str = AMQP_URL,
+    **overrides: Any,
 ) -> AsyncIterator[Harness]:
+    """A harness on its own names; its replicas stopped and its broker objects deleted after."""
     tag = uuid.uuid4().hex[:8]
     engine = create_async_engine(database_url.replace("postgresql://", "postgresql+asyncpg://"))
     running = Harness(
@@ -263,6 +260,8 @@ async def harness(
         names=Names(f"test.{tag}.work"),
         source_exchange=f"test.{tag}.price-change",
         engine=engine,
+        overrides=overrides,
+        amqp_url=amqp_url,
     )
     try:
         yield running
@@ -271,3 +270,11 @@ async def harness(
             await running.stop()
         await running.cleanup_broker()
         await engine.dispose()
+
+
+@pytest.fixture
+async def harness(
+    database_url: str, provider: DemoProvider, amqp: AbstractConnection
+) -> AsyncIterator[Harness]:
+    async with running_harness(database_url, provider, amqp) as running:
+        yield running

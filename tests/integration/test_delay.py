@@ -27,8 +27,9 @@ async def backend(request: pytest.FixtureRequest, harness: Harness) -> AsyncIter
     if name is DelayBackendName.PLUGIN and not await broker_has_plugin(AMQP_URL, harness.names):
         pytest.skip("the broker has no rabbitmq_delayed_message_exchange plugin")
     channel = await harness.amqp.channel(publisher_confirms=True, on_return_raises=True)
-    topology = await declare_topology(channel, harness.settings())
-    yield await declare_delay_backend(AMQP_URL, channel, topology, name)
+    settings = harness.settings(delay_backend=name)
+    topology = await declare_topology(channel, settings)
+    yield await declare_delay_backend(AMQP_URL, channel, topology, settings)
     await channel.close()
 
 
@@ -92,14 +93,18 @@ async def test_auto_keeps_a_retry_exchange_declared_for_the_other_backend(
 
     channel = await harness.amqp.channel(publisher_confirms=True, on_return_raises=True)
     topology = await declare_topology(channel, harness.settings())
-    first = await declare_delay_backend(AMQP_URL, channel, topology, DelayBackendName.TTL)
+    first = await declare_delay_backend(
+        AMQP_URL, channel, topology, harness.settings(delay_backend="ttl")
+    )
     assert first.name is DelayBackendName.TTL
 
     async def gained(amqp_url: str, names: object) -> bool:
         return True
 
     monkeypatch.setattr(delay_module, "broker_has_plugin", gained)
-    kept = await declare_delay_backend(AMQP_URL, channel, topology, DelayBackendName.AUTO)
+    kept = await declare_delay_backend(
+        AMQP_URL, channel, topology, harness.settings(delay_backend="auto")
+    )
     assert kept.name is DelayBackendName.TTL
     assert not channel.is_closed
     await channel.close()
@@ -117,5 +122,7 @@ async def test_auto_with_a_retry_exchange_of_a_type_it_cannot_use_is_one_line(
     if has_plugin:
         pytest.skip("the broker has the plugin: a direct exchange is simply in the way")
     with pytest.raises(ConfigError, match="DELAY_BACKEND"):
-        await declare_delay_backend(AMQP_URL, channel, topology, DelayBackendName.AUTO)
+        await declare_delay_backend(
+            AMQP_URL, channel, topology, harness.settings(delay_backend="auto")
+        )
     await channel.close()

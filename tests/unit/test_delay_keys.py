@@ -31,6 +31,7 @@ from worker.delay import (
     _pattern,
     delay_routing_key,
 )
+from worker.settings import QueueType, load_settings
 from worker.topology import Names, Topology
 
 QUEUE = "notifications.work"
@@ -291,19 +292,35 @@ class _FakeChannel:
         return _FakeQueue(self.recorder, name)
 
 
-async def _declare(queue: str = QUEUE) -> tuple[TtlCascade, _Recorder]:
-    recorder = _Recorder()
-    topology = Topology(
+def _topology(
+    recorder: _Recorder, queue: str = QUEUE, queue_type: QueueType = QueueType.CLASSIC
+) -> Topology:
+    count = load_settings(queue_type=queue_type).attempt_queues
+    return Topology(
         names=Names(queue),
-        work_queue=cast(AbstractQueue, _FakeQueue(recorder, queue)),
+        work_queues=[
+            cast(AbstractQueue, _FakeQueue(recorder, name))
+            for name in Names(queue).attempt_queues(count)
+        ],
         ingress_queue=cast(AbstractQueue, _FakeQueue(recorder, f"{queue}.ingress")),
+        queue_type=queue_type,
     )
-    cascade = await TtlCascade.declare(cast(AbstractChannel, _FakeChannel(recorder)), topology)
+
+
+async def _declare(
+    queue: str = QUEUE, queue_type: QueueType = QueueType.CLASSIC
+) -> tuple[TtlCascade, _Recorder]:
+    recorder = _Recorder()
+    topology = _topology(recorder, queue, queue_type)
+    cascade = await TtlCascade.declare(
+        cast(AbstractChannel, _FakeChannel(recorder)),
+        topology,
+        load_settings(queue=queue, queue_type=queue_type),
+    )
     return cascade, recorder
 
 
-async def _recorded_broker() -> Broker:
-    _, recorder = await _declare()
+def _broker_of(recorder: _Recorder) -> Broker:
     broker = Broker(bindings=list(recorder.bindings))
     for name, (_, arguments) in recorder.queues.items():
         broker.delay_queues[name] = DelayQueue(
@@ -312,6 +329,11 @@ async def _recorded_broker() -> Broker:
             arguments.get("x-dead-letter-routing-key"),
         )
     return broker
+
+
+async def _recorded_broker(queue_type: QueueType = QueueType.CLASSIC) -> Broker:
+    _, recorder = await _declare(queue_type=queue_type)
+    return _broker_of(recorder)
 
 
 # --- the cascade ------------------------------------------------------------------------------
@@ -392,8 +414,8 @@ async def test_names_follow_the_work_queue() -> None:
 )
 async def test_publish_rounds_up_and_clamps_the_delay(delay: float, seconds: int) -> None:
     cascade, recorder = await _declare()
-    message = object()
-    await cascade.publish(cast(Any, message), delay)
+    message = aio_pika.Message(b"{}", headers={"x-attempt": 3})
+    await cascade.publish(message, delay)
     assert recorder.published == [(message, delay_routing_key(seconds, QUEUE), True)]
 
 
@@ -411,9 +433,40 @@ async def test_plugin_publish_sets_x_delay_within_the_timer_limit(
     delay: float, milliseconds: int
 ) -> None:
     recorder = _Recorder()
-    plugin = PluginDelay(cast(Any, _FakeExchange(recorder, "q.retry")), QUEUE)
+    plugin = PluginDelay(cast(Any, _FakeExchange(recorder, "q.retry")), _topology(recorder))
     message = aio_pika.Message(b"{}")
     await plugin.publish(message, delay)
     # not mandatory: the plugin returns every delayed publish as unroutable
     assert recorder.published == [(message, QUEUE, False)]
     assert message.headers["x-delay"] == milliseconds
+
+
+# --- quorum mode --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 3, 9, 40])
+@pytest.mark.parametrize("seconds", [0, 1, 5, 1000])
+async def test_quorum_cascade_delivers_to_the_queue_of_the_attempt(
+    attempt: int, seconds: int
+) -> None:
+    cascade, recorder = await _declare(queue_type=QueueType.QUORUM)
+    broker = _broker_of(recorder)
+    destination = cascade.topology.queue_for(attempt)
+    broker.work_queue = destination
+    assert destination == (QUEUE if attempt == 0 else f"{QUEUE}.a{min(attempt, 9)}")
+    await cascade.publish(aio_pika.Message(b"{}", headers={"x-attempt": attempt}), seconds)
+    ((_, routing_key, _),) = recorder.published
+    arrivals, path = broker.deliver(routing_key)
+    assert arrivals == [seconds], path
+    assert path[-1] == destination
+
+
+async def test_quorum_delay_levels_dead_letter_at_least_once() -> None:
+    _, recorder = await _declare(queue_type=QueueType.QUORUM)
+    assert recorder.exchanges[NAMES.delay_exit] == ("topic", True)
+    for level in range(LEVELS):
+        _, arguments = recorder.queues[NAMES.delay_level(level)]
+        assert arguments["x-queue-type"] == "quorum"
+        assert arguments["x-dead-letter-strategy"] == "at-least-once"
+        assert arguments["x-overflow"] == "reject-publish"
+        assert arguments["x-delivery-limit"] == 1000

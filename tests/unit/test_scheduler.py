@@ -29,7 +29,7 @@ class Harness:
     def __init__(self, slots: int, *retries: str) -> None:
         self.retries = FakeRetries(*retries)
         self.started: list[str] = []
-        self.scheduler = Scheduler(slots, cast(AbstractQueue, self.retries), self._start)
+        self.scheduler = Scheduler(slots, [cast(AbstractQueue, self.retries)], self._start)
         self.task: asyncio.Task[None] | None = None
 
     def _start(self, incoming: AbstractIncomingMessage) -> None:
@@ -108,3 +108,38 @@ async def test_close_returns_a_dispatcher_that_waits_for_a_slot_or_for_work() ->
         await idle.settle()
     assert busy.started == ["fresh-1"]
     assert idle.started == []
+
+
+async def test_several_work_queues_are_served_fewest_attempts_first() -> None:
+    first, second, third = FakeRetries("a0-1"), FakeRetries("a1-1", "a1-2"), FakeRetries("a2-1")
+    started: list[str] = []
+    scheduler = Scheduler(
+        1,
+        [cast(AbstractQueue, q) for q in (first, second, third)],
+        lambda incoming: started.append(cast(Any, incoming)),
+    )
+    task = asyncio.create_task(scheduler.run())
+    await scheduler.offer(cast(AbstractIncomingMessage, "fresh"))
+    for _ in range(4):
+        for _ in range(20):
+            await asyncio.sleep(0)
+        scheduler.release()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    scheduler.close()
+    await asyncio.wait_for(task, timeout=1)
+    assert started == ["fresh", "a0-1", "a1-1", "a1-2", "a2-1"][: len(started)]
+    assert started[:4] == ["fresh", "a0-1", "a1-1", "a1-2"]
+
+
+async def test_idle_look_ups_back_off_to_one_round_per_poll_per_queue() -> None:
+    queues = [FakeRetries() for _ in range(5)]
+    scheduler = Scheduler(1, [cast(AbstractQueue, q) for q in queues], lambda _: None)
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(2.0)
+    scheduler.close()
+    await asyncio.wait_for(task, timeout=2)
+    rounds = queues[0].gets
+    # classic polls one queue every 50 ms (40 gets in 2 s); five queues back off to 250 ms
+    assert all(q.gets == rounds for q in queues)
+    assert rounds * len(queues) <= 2.0 / 0.05 + len(queues) * 3

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn, TextIO
 
-import aio_pika
 import uvloop
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
@@ -34,9 +33,11 @@ from worker.admin.errors import AdminError, Failure, UsageError, describe, scrub
 from worker.admin.fingerprint import FINGERPRINT_LENGTH, FINGERPRINT_PATTERN
 from worker.admin.queries import Filters
 from worker.admin.replay import ReplayRequest, plan, prepare, replay
+from worker.broker import connect_first
 from worker.persistence import create_engine
 from worker.schema import DEAD_LETTER_REASONS
 from worker.settings import ConfigError, Settings, load_settings, mask_url
+from worker.topology import Names
 
 PROG = "worker-admin"
 CHANNELS = ("email", "sms")
@@ -446,7 +447,7 @@ async def _replay(
         )
         return
     report = await prepare(engine, request)
-    connection = await _connect_broker(settings.amqp_url)
+    connection = await _connect_broker(settings.amqp_urls)
     # on a terminal only, and only once a replay has run for a second
     bar = tqdm(
         total=report.selected,
@@ -459,7 +460,9 @@ async def _replay(
     )
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await replay(engine, channel, settings.queue, request, report, bar.update)
+        # where a first attempt belongs, in either WORKER_QUEUE_TYPE: the work queue itself
+        first_attempts = Names(settings.queue).attempt_queue(0, settings.attempt_queues)
+        await replay(engine, channel, first_attempts, request, report, bar.update)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise Failure(
             f"interrupted: replayed {report.replayed}, every other row untouched;"
@@ -478,11 +481,13 @@ async def _replay(
     print(report.summary(), file=out)
 
 
-async def _connect_broker(url: str) -> AbstractConnection:
+async def _connect_broker(urls: list[str]) -> AbstractConnection:
+    """The first node of the list that answers."""
     try:
-        return await aio_pika.connect(url, timeout=10)
+        return await connect_first(urls, timeout=10)
     except (AMQPError, OSError, TimeoutError) as exc:
-        raise Failure(f"cannot reach the broker at {mask_url(url)}: {describe(exc)}") from None
+        shown = mask_url(",".join(urls))
+        raise Failure(f"cannot reach the broker at {shown}: {describe(exc)}") from None
 
 
 async def run_admin(

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import aio_pika
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker.delay import LEVELS
+from worker.broker import connect_first
 from worker.topology import Names
 
 
@@ -52,14 +51,16 @@ async def recreate_database(admin_url: str, name: str) -> None:
         await engine.dispose()
 
 
-async def delete_broker_objects(amqp_url: str, names: Names, source_exchange: str) -> None:
-    """Delete the work, ingress and delay queues and the exchanges of one worker queue."""
-    async with await aio_pika.connect(amqp_url) as connection:
+async def delete_broker_objects(
+    amqp_url: str, names: Names, source_exchange: str, attempt_queues: int = 1
+) -> None:
+    """Delete the work, ingress and delay queues and the exchanges of one worker queue (quorum
+    mode: ``attempt_queues`` work queues, and the limit queue), on the first node answering."""
+    async with await connect_first(amqp_url.split(",")) as connection:
         channel = await connection.channel()
-        levels = [names.delay_level(level) for level in range(LEVELS)]
-        for queue in (names.queue, names.ingress, *levels):
+        for queue in names.owned_queues(attempt_queues):
             await channel.queue_delete(queue)
-        for exchange in (source_exchange, names.retry, *levels):
+        for exchange in (source_exchange, *names.owned_exchanges()):
             await channel.exchange_delete(exchange)
 
 

@@ -31,6 +31,7 @@ from aio_pika.exceptions import AMQPError
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from worker.broker import connect_first
 from worker.message import parse_message
 from worker.tooling.demo_provider import DemoProvider, RequestRecord
 from worker.tooling.fleet import ReplicaProcess, delete_broker_objects, free_port
@@ -191,6 +192,7 @@ class Fleet:
     env: dict[str, str]
     replicas: list[ReplicaProcess] = field(default_factory=list)
     published: list[Published] = field(default_factory=list)
+    amqp_url: str = AMQP_URL  # on the cluster: every node's URL, comma-separated
     metrics_ports: dict[int, int] = field(default_factory=dict)
     _connection: AbstractConnection | None = None
     _channel: AbstractChannel | None = None
@@ -231,7 +233,7 @@ class Fleet:
     async def channel(self) -> AbstractChannel:
         """The test's own channel; a fresh connection after a broker fault closed the last."""
         if self._connection is None or self._connection.is_closed:
-            self._connection = await aio_pika.connect(AMQP_URL)
+            self._connection = await connect_first(self.amqp_url.split(","))
             self._channel = None
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel(publisher_confirms=True)
@@ -376,7 +378,8 @@ class Fleet:
         for replica in self.replicas:
             await replica.kill()
         await self.forget_connection()
-        await delete_broker_objects(AMQP_URL, self.names, self.source_exchange)
+        attempt_queues = int(self.env.get("WORKER_MAX_ATTEMPTS", "10"))
+        await delete_broker_objects(self.amqp_url, self.names, self.source_exchange, attempt_queues)
         await self.engine.dispose()
 
 
@@ -401,43 +404,48 @@ def per_key(requests: Iterable[RequestRecord]) -> dict[str, list[RequestRecord]]
     return found
 
 
-@pytest.fixture
-async def fleet(
-    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+@contextlib.asynccontextmanager
+async def running_fleet(
+    scenario: str, database_url: str, log_dir: Path, amqp_url: str = AMQP_URL, **env: str
 ) -> AsyncIterator[Fleet]:
+    """A fleet on its own names (``env``: more ``WORKER_*`` settings); at the end its
+    processes are killed and its broker objects deleted."""
     tag = uuid.uuid4().hex[:8]
     names = Names(f"faults.{tag}.work")
     source_exchange = f"faults.{tag}.price-change"
     lock = BrokerLock()
     async with DemoProvider() as provider:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")} | {
-            "WORKER_AMQP_URL": AMQP_URL,
-            "WORKER_DATABASE_URL": database_url,
-            "WORKER_PROVIDER_URL": provider.url,
-            "WORKER_QUEUE": names.queue,
-            "WORKER_SOURCE_EXCHANGE": source_exchange,
-            "WORKER_DELAY_BACKEND": "ttl",
-            "WORKER_BACKOFF": "constant",
-            "WORKER_BACKOFF_BASE_SECONDS": "1",
-            "WORKER_MAX_ATTEMPTS": "50",
-            "WORKER_CONCURRENCY": "16",
-            "WORKER_PROVIDER_TIMEOUT_SECONDS": str(PROVIDER_TIMEOUT_SECONDS),
-            "WORKER_SHUTDOWN_GRACE_SECONDS": "10",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_LOG_FORMAT": "json",
-        }
+        base = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
         running = Fleet(
-            scenario=request.node.name,
+            scenario=scenario,
             database_url=database_url,
             provider=provider,
             engine=create_async_engine(
                 database_url.replace("postgresql://", "postgresql+asyncpg://")
             ),
-            log_dir=tmp_path,
+            log_dir=log_dir,
             lock=lock,
             names=names,
             source_exchange=source_exchange,
-            env=env,
+            env=base
+            | {
+                "WORKER_AMQP_URL": amqp_url,
+                "WORKER_DATABASE_URL": database_url,
+                "WORKER_PROVIDER_URL": provider.url,
+                "WORKER_QUEUE": names.queue,
+                "WORKER_SOURCE_EXCHANGE": source_exchange,
+                "WORKER_DELAY_BACKEND": "ttl",
+                "WORKER_BACKOFF": "constant",
+                "WORKER_BACKOFF_BASE_SECONDS": "1",
+                "WORKER_MAX_ATTEMPTS": "50",
+                "WORKER_CONCURRENCY": "16",
+                "WORKER_PROVIDER_TIMEOUT_SECONDS": str(PROVIDER_TIMEOUT_SECONDS),
+                "WORKER_SHUTDOWN_GRACE_SECONDS": "10",
+                "WORKER_METRICS_PORT": "0",
+                "WORKER_LOG_FORMAT": "json",
+            }
+            | env,
+            amqp_url=amqp_url,
         )
         try:
             yield running
@@ -446,3 +454,11 @@ async def fleet(
                 await running.close()
             finally:
                 lock.close()
+
+
+@pytest.fixture
+async def fleet(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    async with running_fleet(request.node.name, database_url, tmp_path) as running:
+        yield running
