@@ -210,8 +210,8 @@ class PartitionBoard:
     def admit(self, key: str, probe_token: uuid.UUID | None) -> Admission:
         self._in_use[key] = time.monotonic()
         health = self._states.get(key)
-        if health is None:
-            return Admission.SEND
+        if health is None or (health.state is State.CLOSED and not health.held):
+            return Admission.SEND  # the common case decided without looking at the others
         now = datetime.now(UTC)
         elsewhere = self.provider_outage() and breaker.probing_elsewhere(
             self._states.values(), key, now, self.config
