@@ -237,9 +237,9 @@ class PartitionBoard:
         return self._states.get(key)
 
     def _remember(self, health: PartitionHealth) -> None:
-        if health.healthy:
+        if health == PartitionHealth(key=health.key):
             self._states.pop(health.key, None)
-        else:
+        else:  # kept when healthy but healed lately: healed_at decides for retries on their way
             self._states[health.key] = health
         _export(health)
 

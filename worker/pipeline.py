@@ -187,8 +187,17 @@ class Pipeline:
         )
         backoff = read_not_before(headers, delivery.received_at, self.settings.backoff_max_seconds)
         early = 0.0 if backoff is None else (backoff[1] - delivery.received_at).total_seconds()
-        if backoff is not None and breaker.healed_since(self.board.get(partition), backoff[0]):
-            early = 0.0  # its partition opened and healed while it was on its way: send it
+        # Back from its first hop: if its partition opened and healed meanwhile, send it now,
+        # whatever is left of its backoff (read from the database: the view may not show a
+        # heal by another replica yet).
+        if (
+            admitted
+            and probe is None
+            and backoff is not None
+            and early > _EARLY_TOLERANCE_SECONDS
+            and breaker.healed_since(await self.board.reread(partition), backoff[0])
+        ):
+            early = 0.0
         if not admitted:
             await self._park(delivery, message, partition, delivery.attempt, None, max(early, 0))
             bound.info("parked", outcome=Outcome.PARKED, partition=partition)
