@@ -68,6 +68,8 @@ class ClaimState:
     """What the database says about a key and its topic at one instant."""
 
     delivery_status: str
+    # failed attempts recorded for the key: the count a copy of another chain continues from
+    attempts: int
     watermark: datetime | None  # occurred_at of the newest message sent (or maybe sent)
     lease_until: datetime | None
     lease_occurred_at: datetime | None  # occurred_at of the message the lease was taken for

@@ -94,6 +94,7 @@ _READ_STATES = """
     )
     -- rows inserted by this statement are not visible to its own reads: hence the COALESCEs
     SELECT i.n, COALESCE(nd.status, d.status, 'pending') AS status,
+           GREATEST(i.attempts, COALESCE(d.attempts, 0)) AS attempts,
            t.occurred_at AS watermark, t.lease_until, t.lease_occurred_at,
            COALESCE(t.version, 0) AS version, now() AS now
     FROM input AS i
@@ -179,7 +180,7 @@ _RECORD_FAILURES = f"""
             AS i (key, topic, token, attempts, provider_status, last_error, maybe_delivered)
     ), delivery AS (
         UPDATE deliveries AS d
-        SET attempts = i.attempts, last_error = i.last_error,
+        SET attempts = GREATEST(d.attempts, i.attempts), last_error = i.last_error,
             provider_status = i.provider_status, updated_at = now()
         FROM input AS i
         WHERE d.idempotency_key = i.key AND d.status = 'pending'
@@ -303,6 +304,7 @@ class RawMessage:
 # a placeholder in a results list about to be filled
 _NO_STATE = ClaimState(
     delivery_status="pending",
+    attempts=0,
     watermark=None,
     lease_until=None,
     lease_occurred_at=None,
@@ -469,6 +471,7 @@ class DeliveryStore:
         for position, row in zip(order, rows, strict=True):
             state = ClaimState(
                 delivery_status=row["status"],
+                attempts=row["attempts"],
                 watermark=row["watermark"],
                 lease_until=row["lease_until"],
                 lease_occurred_at=row["lease_occurred_at"],

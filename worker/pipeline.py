@@ -211,7 +211,13 @@ class Pipeline:
             bound.info("deferred", outcome=Outcome.DEFERRED, delay=round(early, 3))
             return Outcome.DEFERRED
         token = uuid.uuid4()
-        action, wait_seconds = await self._claim(message, delivery, token)
+        action, wait_seconds, recorded = await self._claim(message, delivery, token)
+        if recorded > delivery.attempt:
+            # A copy of a second chain (its retry was published, its ack lost with the channel,
+            # and the broker requeued it too): it continues from the attempts the key has
+            # used, so two chains share one WORKER_MAX_ATTEMPTS.
+            bound.info("attempts_from_record", recorded=recorded)
+            delivery = dataclasses.replace(delivery, attempt=recorded)
         if probe is not None and action is not ClaimAction.CLAIM:
             await self.board.abandon_probe(partition, probe)
         if action is ClaimAction.FINISHED:
@@ -300,8 +306,11 @@ class Pipeline:
 
     async def _claim(
         self, message: PriceChange, delivery: Delivery, token: uuid.UUID
-    ) -> tuple[ClaimAction, float]:
-        """Decide and, to send, win the topic lease; WAIT comes with the seconds to defer."""
+    ) -> tuple[ClaimAction, float, int]:
+        """Decide and, to send, win the topic lease; WAIT comes with the seconds to defer.
+
+        The last item is the failed attempts the database has recorded for the key.
+        """
         pause = 0.02
         waited = 0.0
         for _ in range(_CLAIM_ROUNDS):
@@ -313,18 +322,18 @@ class Pipeline:
                 if await self.store.take_lease(
                     message, version, token, self.settings.lease_seconds
                 ):
-                    return action, 0.0
+                    return action, 0.0, state.attempts
                 continue  # another replica moved the topic on: read it again
             if action is not ClaimAction.WAIT:
-                return action, 0.0
+                return action, 0.0, state.attempts
             assert state.lease_until is not None
             remaining = (state.lease_until - state.now).total_seconds()
             if waited + pause > _LOCAL_WAIT_SECONDS:
-                return action, min(max(remaining, 1.0), _MAX_DEFER_SECONDS)
+                return action, min(max(remaining, 1.0), _MAX_DEFER_SECONDS), state.attempts
             await asyncio.sleep(pause)
             waited += pause
             pause *= 2
-        return ClaimAction.WAIT, 1.0
+        return ClaimAction.WAIT, 1.0, delivery.attempt
 
     async def _retry(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -109,6 +110,34 @@ async def test_exhausted_after_max_attempts(harness: Harness) -> None:
     assert (dead.reason, dead.attempts, dead.idempotency_key) == ("exhausted", 3, key_of(body))
     assert "503" in dead.last_error
     assert (await harness.delivery(key_of(body))).status == "dead"
+
+
+async def test_a_second_chain_shares_the_attempts_of_the_first(harness: Harness) -> None:
+    """A copy requeued after its retry was published (its ack lost with the channel) carries
+    fewer attempts than the key has used: it continues from the record, not from its header,
+    so the two chains together make no more than WORKER_MAX_ATTEMPTS calls."""
+    harness.provider.set_rules([Rule(channel="email", audience="b", status=503)])
+    await harness.start(max_attempts=2, breaker_failures=0, backoff_base_seconds=30)
+    body = price_change(audience="b")
+    await harness.publish(body)
+    await harness.wait_for(_attempt_recorded(harness, key_of(body)), what="the first attempt")
+    # the original, requeued beside its retry (waiting 30 s in the delay backend)
+    await harness.publish_to_work_queue(body, attempt=0, priority=5)
+    await harness.wait_finished(1)
+
+    assert [r.status for r in harness.provider.requests] == [503, 503]
+    (dead,) = await harness.rows("SELECT * FROM dead_letters")
+    assert (dead.reason, dead.attempts) == ("exhausted", 2)
+
+
+def _attempt_recorded(harness: Harness, key: str) -> Callable[[], Awaitable[bool]]:
+    async def recorded() -> bool:
+        rows = await harness.rows(
+            "SELECT attempts FROM deliveries WHERE idempotency_key = :k", k=key
+        )
+        return bool(rows) and rows[0].attempts == 1
+
+    return recorded
 
 
 async def test_expired_is_dead_lettered_unsent(harness: Harness) -> None:

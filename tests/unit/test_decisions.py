@@ -174,6 +174,7 @@ def _state(
 ) -> ClaimState:
     return ClaimState(
         delivery_status=status,
+        attempts=0,
         watermark=watermark,
         lease_until=lease_until,
         lease_occurred_at=lease_occurred_at,

@@ -286,7 +286,8 @@ async def _reopen_deliveries(engine: AsyncEngine, rows: Sequence[Any]) -> set[st
             update(deliveries)
             .where(key == any_(bindparam("keys", keys, type_=ARRAY(Text))))
             .where(deliveries.c.status == "dead")
-            .values(status="pending", updated_at=func.now())
+            # first attempts again: the pipeline continues a key from its recorded attempts
+            .values(status="pending", attempts=0, updated_at=func.now())
             .returning(key)
         )
         return {str(k) for k in result.scalars()}
