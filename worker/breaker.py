@@ -9,10 +9,15 @@ success closes the partition, its failure opens it again for a longer break.
 - The break grows with the trips in a row, ``base · 2^(trips-1)`` capped, with *equal jitter*
   (a uniform draw in [d/2, d], Finagle's ``equalJittered``), so replicas and partitions that
   opened together do not probe together.
+- A *first attempt* (a fresh message, a replay) does not wait out the break: it may probe
+  once ``fresh_probe_seconds`` have passed since the partition opened or was last probed, so
+  that after a recovery fresh alerts go out within about that time, not after the break. The
+  cost is bounded by time, not by traffic: at most one call per ``fresh_probe_seconds`` per open
+  partition (in a provider-wide outage, per fleet), and only while first attempts arrive.
 - A probe whose replica dies is not waited for past its lease: the partition can be probed
   again (:func:`admit` says PROBE once ``probe_until`` has passed).
 - A 429 with ``Retry-After`` opens the partition for that long: the throttle is the
-  partition's, not only the one message's.
+  partition's, not only the one message's, and no first attempt probes before it ends.
 - An operator can *hold* a partition open (the plan lapsed: nothing will help until it is
   paid) and *close* it at once.
 - When most partitions are open at once the provider itself is down (Envoy's
@@ -51,6 +56,7 @@ class BreakerConfig:
     failures: int = 5
     break_seconds: float = 0.5
     max_break_seconds: float = 2.0
+    fresh_probe_seconds: float = 0.2
     # provider-wide outage: at least this many partitions open, and at least this share of
     # the partitions in use
     outage_partitions: int = 2
@@ -71,6 +77,7 @@ class PartitionHealth:
     probed_at: datetime | None = None
     healed_at: datetime | None = None  # when it last closed after being open
     last_error: str | None = None
+    throttled_until: datetime | None = None  # a Retry-After's end
 
     @property
     def healthy(self) -> bool:
@@ -88,6 +95,14 @@ class PartitionHealth:
     def probed_since(self, since: datetime) -> bool:
         return self.probing(since) or (self.probed_at is not None and self.probed_at > since)
 
+    def tried_since(self, since: datetime) -> bool:
+        """Probed, or opened, after ``since``: too soon for a first attempt to probe."""
+        last = max((t for t in (self.probed_at, self.opened_at) if t is not None), default=None)
+        return self.probing(since) or (last is not None and last > since)
+
+    def throttled(self, now: datetime) -> bool:
+        return self.throttled_until is not None and self.throttled_until > now
+
 
 def break_seconds(trips: int, config: BreakerConfig, rng: random.Random) -> float:
     """The break after ``trips`` trips in a row (1, 2, …): doubled each time, capped, jittered."""
@@ -100,10 +115,13 @@ def admit(
     now: datetime,
     probe_token: uuid.UUID | None = None,
     probing_elsewhere: bool = False,
+    first_attempt: bool = False,
+    config: BreakerConfig | None = None,
 ) -> Admission:
     """What to do with a message of the partition. ``probe_token``: the probe the message was
     released as, if any; ``probing_elsewhere``: in a provider-wide outage, another partition's
-    probe is in flight (one at a time)."""
+    probe is in flight (one at a time); ``first_attempt`` (with ``config``): the message has
+    not failed yet, and may probe before the break is over."""
     if health is None:
         return Admission.SEND
     if health.held:
@@ -115,16 +133,34 @@ def admit(
             return Admission.SEND
         if health.probing(now):
             return Admission.PARK
-    elif health.open_until is not None and health.open_until > now:
+    elif (
+        health.open_until is not None
+        and health.open_until > now
+        and not (first_attempt and config is not None and _fresh_may_probe(health, now, config))
+    ):
         return Admission.PARK
     return Admission.PARK if probing_elsewhere else Admission.PROBE
 
 
+def _fresh_may_probe(health: PartitionHealth, now: datetime, config: BreakerConfig) -> bool:
+    since = now - timedelta(seconds=config.fresh_probe_seconds)
+    return (
+        config.fresh_probe_seconds > 0
+        and not health.throttled(now)
+        and not health.tried_since(since)
+    )
+
+
 def take_probe(
-    health: PartitionHealth, now: datetime, token: uuid.UUID, lease_seconds: float
+    health: PartitionHealth,
+    now: datetime,
+    token: uuid.UUID,
+    lease_seconds: float,
+    first_attempt: bool = False,
+    config: BreakerConfig | None = None,
 ) -> PartitionHealth | None:
     """Become the partition's probe, or None when it is not (or no longer) to be probed."""
-    if admit(health, now) is not Admission.PROBE:
+    if admit(health, now, first_attempt=first_attempt, config=config) is not Admission.PROBE:
         return None
     return replace(
         health,
@@ -182,6 +218,7 @@ def on_failure(
             state=State.OPEN,
             opened_at=health.opened_at or now,
             open_until=max(until, health.open_until or until),
+            throttled_until=max(until, health.throttled_until or until),
             probe_token=None,
             probe_until=None,
         )
@@ -235,11 +272,17 @@ def provider_outage(
 
 
 def probing_elsewhere(
-    states: Iterable[PartitionHealth], key: str, now: datetime, config: BreakerConfig
+    states: Iterable[PartitionHealth],
+    key: str,
+    now: datetime,
+    config: BreakerConfig,
+    first_attempt: bool = False,
 ) -> bool:
     """In a provider-wide outage, the fleet's one probe: another partition is being probed,
-    or was within the base break (at most one probe per ``break_seconds`` in all)."""
-    since = now - timedelta(seconds=config.break_seconds)
+    or was within the base break (at most one probe per ``break_seconds`` in all; for a first
+    attempt, per ``fresh_probe_seconds``)."""
+    spacing = config.fresh_probe_seconds if first_attempt else config.break_seconds
+    since = now - timedelta(seconds=spacing)
     return any(s.probed_since(since) for s in states if s.key != key)
 
 

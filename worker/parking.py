@@ -138,7 +138,7 @@ class Parked:
 class ParkingLot:
     # Lanes of the batched park (a connection each), and the release loop's one.
     LANES = 2
-    CONNECTIONS = LANES + 1
+    CONNECTIONS = LANES + 2  # the lanes, the release loop's, the partitions' listener
 
     def __init__(
         self, engine: AsyncEngine, board: PartitionBoard, max_priority: int, batch_size: int = 64
@@ -181,6 +181,7 @@ class ParkingLot:
         """Refresh the partitions' health and release what is due, until stopped."""
         tick = 0
         healed = self._board.healed
+        listener = asyncio.create_task(self._board.listen(stop))
         while not stop.is_set():
             healed.clear()  # a heal from here on wakes the wait below
             try:
@@ -200,6 +201,7 @@ class ParkingLot:
             await asyncio.wait(waits, timeout=REFRESH_SECONDS, return_when=asyncio.FIRST_COMPLETED)
             for waiting in waits:
                 waiting.cancel()
+        await listener
 
     async def tick(self, publish: Publish, count: bool = False) -> int:
         """One round: refresh, release what is due or expired, release probes. Rows released."""

@@ -1,13 +1,14 @@
 """The provider's health per partition, shared through PostgreSQL, and each replica's view of it.
 
 Every replica keeps a :class:`PartitionBoard`: the rows of ``partition_health`` that are not
-plainly healthy, re-read every ``REFRESH_SECONDS`` (one small query), so that one replica's
-failures open a partition for all of them within that time. Deciding what to do with a message
-(:func:`worker.breaker.admit`) reads only that view: a healthy partition costs the hot path
-nothing. The database is written only when a partition's health changes (a failure, the first
-success after one, a probe), each time as one transaction that locks the partition's row, applies
-the pure transition of :mod:`worker.breaker` and writes it back: replicas never overwrite each
-other's counts, and exactly one of them wins a probe.
+plainly healthy, re-read whenever another replica announces a change (``NOTIFY`` in the
+change's transaction, so at its commit) and every ``REFRESH_SECONDS`` besides (one small
+query), so that one replica's failures open a partition for all of them at once. Deciding
+what to do with a message (:func:`worker.breaker.admit`) reads only that view: a healthy
+partition costs the hot path nothing. The database is written only when a partition's health
+changes (a failure, the first success after one, a probe), each time as one transaction that
+locks the partition's row, applies the pure transition of :mod:`worker.breaker` and writes it
+back: replicas never overwrite each other's counts, and exactly one of them wins a probe.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import structlog
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker import breaker
 from worker.breaker import Admission, BreakerConfig, PartitionHealth, State
+from worker.errors import describe_error
 from worker.metrics import PARTITION_OPENED, PARTITION_STATE, PARTITION_TRANSITIONS, PROBES
+from worker.stopping import pause_unless_stopped
 
 log = structlog.get_logger("worker.partitions")
 
@@ -37,7 +42,7 @@ _STATE_VALUE = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
 _COLUMNS = (
     "partition_key, state, held, consecutive_failures, trips, opened_at, open_until, "
-    "probe_token, probe_until, probed_at, healed_at, last_error"
+    "probe_token, probe_until, probed_at, healed_at, last_error, throttled_until"
 )
 _SELECT_UNHEALTHY = text(
     f"SELECT {_COLUMNS} FROM partition_health "
@@ -45,6 +50,11 @@ _SELECT_UNHEALTHY = text(
     # healed lately: a retry that was on its way meanwhile is sent at once
     " OR healed_at > now() - interval '1 hour'"
 )
+# Every committed change is announced to all replicas (LISTEN/NOTIFY): "healed" wakes their
+# release loops, "changed" refreshes their views. Polling stays the fallback.
+NOTIFY_CHANNEL = "partition_health"
+_NOTIFY = text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :event)")
+_RELISTEN_SECONDS = 1.0
 _ENSURE = text("INSERT INTO partition_health (partition_key) VALUES (:key) ON CONFLICT DO NOTHING")
 _SELECT_ONE = f"SELECT {_COLUMNS}, now() AS now FROM partition_health WHERE partition_key = :key"
 _LOCK = text(f"{_SELECT_ONE} FOR UPDATE")
@@ -54,8 +64,7 @@ _WRITE = text(
     SET state = :state, held = :held, consecutive_failures = :consecutive_failures,
         trips = :trips, opened_at = :opened_at, open_until = :open_until,
         probe_token = :probe_token, probe_until = :probe_until, probed_at = :probed_at,
-        healed_at = :healed_at,
-        last_error = :last_error,
+        healed_at = :healed_at, last_error = :last_error, throttled_until = :throttled_until,
         changed_at = now()
     WHERE partition_key = :key
     """
@@ -73,8 +82,9 @@ _ALL_HEALED = text(
         UPDATE partition_health
         SET state = 'closed', consecutive_failures = 0, trips = 0, opened_at = NULL,
             open_until = NULL, probe_token = NULL, probe_until = NULL, healed_at = now(),
-            changed_at = now()
+            throttled_until = NULL, changed_at = now()
         WHERE state <> 'closed' AND NOT held
+          AND (throttled_until IS NULL OR throttled_until <= now())
         RETURNING partition_key
     )
     UPDATE parked_messages SET due_at = now()
@@ -97,6 +107,7 @@ def _health(row: Any) -> PartitionHealth:
         probed_at=row.probed_at,
         healed_at=row.healed_at,
         last_error=row.last_error,
+        throttled_until=row.throttled_until,
     )
 
 
@@ -133,12 +144,15 @@ async def transition(
             "probed_at": after.probed_at,
             "healed_at": after.healed_at,
             "last_error": after.last_error,
+            "throttled_until": after.throttled_until,
         },
     )
-    if after.healthy and not (before.state is State.CLOSED and not before.held):
+    healed = after.healthy and not (before.state is State.CLOSED and not before.held)
+    if healed:
         await conn.execute(_DUE_NOW, {"key": key})
         if provider_outage:
             await conn.execute(_ALL_HEALED)
+    await conn.execute(_NOTIFY, {"event": "healed" if healed else "changed"})
     return before, after
 
 
@@ -183,8 +197,10 @@ class PartitionBoard:
         self._lease_seconds = lease_seconds
         self._rng = rng or random.Random()
         self._states: dict[str, PartitionHealth] = {}
-        self.healed = asyncio.Event()
+        self.healed = asyncio.Event()  # a partition healed: its parked messages are due
         self._in_use: dict[str, float] = {}
+        self._stale = False  # a change was announced since the view was last read
+        self._following: asyncio.Task[None] | None = None
 
     def key_of(self, message: object) -> str:
         """The partition of a message: its ``fields``' values, ``|``-joined."""
@@ -207,16 +223,18 @@ class PartitionBoard:
         """``WORKER_BREAKER_FAILURES=0`` turns partition health off."""
         return self.config.failures > 0
 
-    def admit(self, key: str, probe_token: uuid.UUID | None) -> Admission:
+    def admit(
+        self, key: str, probe_token: uuid.UUID | None, first_attempt: bool = False
+    ) -> Admission:
         self._in_use[key] = time.monotonic()
         health = self._states.get(key)
         if health is None or (health.state is State.CLOSED and not health.held):
             return Admission.SEND  # the common case decided without looking at the others
         now = datetime.now(UTC)
         elsewhere = self.provider_outage() and breaker.probing_elsewhere(
-            self._states.values(), key, now, self.config
+            self._states.values(), key, now, self.config, first_attempt
         )
-        return breaker.admit(health, now, probe_token, elsewhere)
+        return breaker.admit(health, now, probe_token, elsewhere, first_attempt, self.config)
 
     async def refresh(self) -> None:
         async with self._engine.connect() as conn:
@@ -227,6 +245,51 @@ class PartitionBoard:
         for health in fresh.values():
             _export(health)
         self._states = fresh
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Follow the changes of every replica as they commit, until stopped: a heal wakes
+        the release loop (``healed``), any other change refreshes the view at once. A
+        notification lost with a connection is only late: the view is polled as well."""
+        while not stop.is_set():
+            try:
+                await self._listen(stop)
+            except (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("partition_listen_failed", error=describe_error(exc))
+            await pause_unless_stopped(stop, _RELISTEN_SECONDS)
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        async with self._engine.connect() as conn:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            lost = asyncio.Event()
+            driver.add_termination_listener(lambda _connection: lost.set())
+            await driver.add_listener(NOTIFY_CHANNEL, self._notified)
+            self.healed.set()  # catch up on what changed while nobody listened
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if lost.is_set():
+                await conn.invalidate()
+                log.warning("partition_listen_lost")
+            else:
+                await driver.remove_listener(NOTIFY_CHANNEL, self._notified)
+
+    def _notified(self, _connection: object, _pid: int, _channel: str, event: str) -> None:
+        if event == "healed":
+            self.healed.set()
+            return
+        self._stale = True
+        if self._following is None or self._following.done():
+            self._following = asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        while self._stale:
+            self._stale = False
+            try:
+                await self.refresh()
+            except (SQLAlchemyError, OSError) as exc:
+                log.info("partition_refresh_failed", error=describe_error(exc))
+                return
 
     async def reread(self, key: str) -> PartitionHealth | None:
         """The partition's row now (a message released as a probe may be newer than the view)."""
@@ -254,13 +317,15 @@ class PartitionBoard:
             self.healed.set()  # this replica's release loop goes at once, not at its next tick
         return after
 
-    async def take_probe(self, key: str) -> uuid.UUID | None:
+    async def take_probe(self, key: str, first_attempt: bool = False) -> uuid.UUID | None:
         """Become the partition's one probe across the fleet; its token, or None (lost)."""
         token = uuid.uuid4()
         after = await self.change(
             key,
-            lambda health, now: breaker.take_probe(health, now, token, self._lease_seconds),
-            "break over",
+            lambda health, now: breaker.take_probe(
+                health, now, token, self._lease_seconds, first_attempt, self.config
+            ),
+            "first attempt" if first_attempt else "break over",
         )
         return token if after.probe_token == token else None
 

@@ -183,7 +183,10 @@ class Pipeline:
         headers = {} if delivery.fresh else (delivery.incoming.headers or {})
         partition = self.board.key_of(message)
         admitted, probe = await self._admit(
-            partition, read_probe(headers), released=bool(headers.get(RELEASED))
+            partition,
+            read_probe(headers),
+            released=bool(headers.get(RELEASED)),
+            first_attempt=delivery.attempt == 0,
         )
         backoff = read_not_before(headers, delivery.received_at, self.settings.backoff_max_seconds)
         early = 0.0 if backoff is None else (backoff[1] - delivery.received_at).total_seconds()
@@ -262,21 +265,25 @@ class Pipeline:
         return await self._dead(delivery, message, reason, answer.describe(), answer, token)
 
     async def _admit(
-        self, partition: str, probe: uuid.UUID | None, released: bool
+        self, partition: str, probe: uuid.UUID | None, released: bool, first_attempt: bool
     ) -> tuple[bool, uuid.UUID | None]:
-        """May the message be sent (else it is parked), and as which probe, if it is one."""
-        admission = self.board.admit(partition, probe)
+        """May the message be sent (else it is parked), and as which probe, if it is one.
+
+        A first attempt may probe an open partition before its break is over
+        (:func:`worker.breaker.admit`): a fresh alert is not held back by the break.
+        """
+        admission = self.board.admit(partition, probe, first_attempt)
         if admission is not Admission.SEND and (probe is not None or released):
             # released (as the probe, or as its partition healed) by another replica, whose
             # change this view may not show yet
             await self.board.reread(partition)
-            admission = self.board.admit(partition, probe)
+            admission = self.board.admit(partition, probe, first_attempt)
         if admission is Admission.SEND:
             health = self.board.get(partition)
             is_probe = probe is not None and health is not None and health.probe_token == probe
             return True, probe if is_probe else None
         if admission is Admission.PROBE:
-            probe = await self.board.take_probe(partition)
+            probe = await self.board.take_probe(partition, first_attempt)
             return probe is not None, probe
         return False, None
 

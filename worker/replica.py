@@ -135,6 +135,7 @@ class Replica:
                 failures=settings.breaker_failures,
                 break_seconds=settings.breaker_break_seconds,
                 max_break_seconds=settings.breaker_max_break_seconds,
+                fresh_probe_seconds=settings.breaker_fresh_probe_seconds,
             ),
             settings.lease_seconds,
         )

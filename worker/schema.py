@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
@@ -170,6 +170,8 @@ partition_health = Table(
     Column("probed_at", DateTime(timezone=True)),
     Column("healed_at", DateTime(timezone=True)),
     Column("last_error", Text),
+    # a Retry-After: no call of the partition before then, not even a first attempt's probe
+    Column("throttled_until", DateTime(timezone=True)),
     Column("changed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"state IN {PARTITION_STATES}", name="partition_health_state_check"),
 )

@@ -212,6 +212,15 @@ class Settings(BaseSettings):
         le=86400,
         description="Cap of a partition's break: how late, at most, a healed partition is noticed",
     )
+    breaker_fresh_probe_seconds: float = Field(
+        0.2,
+        ge=0,
+        le=3600,
+        description="A first attempt (fresh message, replay) of an open partition probes it if "
+        "no probe was made for this long, break or not: how late, at most, fresh alerts resume "
+        "after a recovery; at most one call per this time per open partition (fleet-wide in a "
+        "provider-wide outage); 0: first attempts wait for the break like the rest",
+    )
     log_format: LogFormat = Field(LogFormat.AUTO, description="json, console, or auto (tty)")
     log_level: str = Field(
         "info",

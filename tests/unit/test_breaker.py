@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -155,6 +156,54 @@ def test_retry_after_throttles_the_whole_partition() -> None:
     assert health.open_until == NOW + timedelta(seconds=30)
     assert breaker.admit(health, NOW + timedelta(seconds=29)) is Admission.PARK
     assert breaker.admit(health, NOW + timedelta(seconds=31)) is Admission.PROBE
+
+
+def test_a_first_attempt_probes_before_the_break_is_over_at_most_once_per_spacing() -> None:
+    config = BreakerConfig(failures=3, break_seconds=4.0, max_break_seconds=8.0)
+    opened = fail(PartitionHealth("email|b"), 3)  # opened at NOW for 0.5–1 s of CONFIG's break
+    opened = dataclasses.replace(opened, open_until=NOW + timedelta(seconds=4))
+    soon = NOW + timedelta(seconds=config.fresh_probe_seconds / 2)
+    later = NOW + timedelta(seconds=config.fresh_probe_seconds * 2)
+    # a retry waits for the break; a first attempt only for the spacing since the opening
+    assert breaker.admit(opened, later, config=config) is Admission.PARK
+    assert breaker.admit(opened, soon, first_attempt=True, config=config) is Admission.PARK
+    assert breaker.admit(opened, later, first_attempt=True, config=config) is Admission.PROBE
+    assert breaker.take_probe(opened, later, uuid.uuid4(), 25) is None
+    token = uuid.uuid4()
+    probing = breaker.take_probe(opened, later, token, 25, first_attempt=True, config=config)
+    assert probing is not None
+    # one probe at a time: the next first attempt parks while it is in flight
+    assert breaker.admit(probing, later, first_attempt=True, config=config) is Admission.PARK
+    # failed: the break grows for the retries, the first attempts probe again after the spacing
+    again = fail(probing, probe_token=token)
+    assert again.state is State.OPEN
+    spaced = later + timedelta(seconds=config.fresh_probe_seconds * 1.5)
+    assert breaker.admit(again, spaced, first_attempt=True, config=config) is Admission.PROBE
+    assert breaker.admit(again, spaced, config=config) is Admission.PARK
+    off = BreakerConfig(failures=3, break_seconds=4.0, fresh_probe_seconds=0)
+    assert breaker.admit(again, spaced, first_attempt=True, config=off) is Admission.PARK
+
+
+def test_no_first_attempt_probes_a_partition_throttled_by_retry_after() -> None:
+    config = BreakerConfig(failures=3, break_seconds=1.0, max_break_seconds=8.0)
+    throttled = fail(PartitionHealth("sms|c"), retry_after=30.0)
+    assert throttled.throttled_until == NOW + timedelta(seconds=30)
+    inside = NOW + timedelta(seconds=29)
+    assert breaker.admit(throttled, inside, first_attempt=True, config=config) is Admission.PARK
+    after = NOW + timedelta(seconds=31)
+    assert breaker.admit(throttled, after, first_attempt=True, config=config) is Admission.PROBE
+
+
+def test_in_a_provider_wide_outage_first_attempts_probe_at_their_own_spacing() -> None:
+    config = BreakerConfig(failures=3, break_seconds=1.0, fresh_probe_seconds=0.2)
+    opened = [fail(PartitionHealth(f"email|{a}"), 3) for a in "ab"]
+    probed = breaker.take_probe(opened[0], NOW + timedelta(seconds=5), uuid.uuid4(), 25)
+    assert probed is not None
+    failed = fail(probed, probe_token=probed.probe_token)
+    states = [failed, opened[1]]
+    after = NOW + timedelta(seconds=5.3)  # past the fresh spacing, within the base break
+    assert breaker.probing_elsewhere(states, "email|b", after, config)
+    assert not breaker.probing_elsewhere(states, "email|b", after, config, first_attempt=True)
 
 
 def test_a_held_partition_parks_everything_until_closed() -> None:

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,18 @@ def topic_partition(message: Published) -> tuple[str, str]:
     return (channel, audience)
 
 
+def all_sent(fleet: Fleet, keys: set[str | None]) -> Callable[[], Awaitable[bool]]:
+    async def sent() -> bool:
+        rows = await fleet.rows(
+            "SELECT count(*) AS n FROM deliveries WHERE status = 'sent'"
+            " AND idempotency_key = ANY(:keys)",
+            keys=list(keys),
+        )
+        return bool(rows[0].n == len(keys))
+
+    return sent
+
+
 async def test_broken_partitions_are_parked_and_released_on_recovery(fleet: Fleet) -> None:
     fleet.provider.set_rules([Rule(channel=c, audience=a, status=500) for c, a in BROKEN])
     fleet.env.update(ENV)
@@ -67,15 +80,7 @@ async def test_broken_partitions_are_parked_and_released_on_recovery(fleet: Flee
         await asyncio.sleep(1)
     healthy_keys = {m.key for m in fleet.published if topic_partition(m) not in BROKEN}
 
-    async def healthy_sent() -> bool:
-        rows = await fleet.rows(
-            "SELECT count(*) AS n FROM deliveries WHERE status = 'sent'"
-            " AND idempotency_key = ANY(:keys)",
-            keys=list(healthy_keys),
-        )
-        return bool(rows[0].n == len(healthy_keys))
-
-    await wait_until(healthy_sent, 60, "the healthy partitions' messages sent")
+    await wait_until(all_sent(fleet, healthy_keys), 60, "the healthy partitions' messages sent")
     parked = await fleet.rows("SELECT partition_key, count(*) AS n FROM parked_messages GROUP BY 1")
     outage_seconds = time.monotonic() - outage_started
 
@@ -148,9 +153,12 @@ async def test_an_operator_holds_a_partition_open_and_closes_it(fleet: Fleet) ->
     assert figures.statuses == Counter(sent=24)
 
 
-async def open_partition(fleet: Fleet, channel: str, audience: str, count: int) -> None:
-    """Break (channel, audience), publish ``count`` of its messages, wait until all are parked
-    or retried and the partition is open."""
+async def open_partition(
+    fleet: Fleet, channel: str, audience: str, count: int, parked_at_least: int | None = None
+) -> None:
+    """Break (channel, audience), publish ``count`` of its messages, wait until the partition is
+    open and all are parked or retried (or ``parked_at_least`` of them are parked)."""
+    least = count - 2 * CONCURRENCY if parked_at_least is None else parked_at_least
     fleet.provider.set_rules([Rule(channel=channel, audience=audience, status=500)])
     await fleet.publish(
         price_change(f"P{audience}{n}".upper(), channel=channel, audience=audience)
@@ -163,9 +171,35 @@ async def open_partition(fleet: Fleet, channel: str, audience: str, count: int) 
             " (SELECT state FROM partition_health WHERE partition_key = :key) AS state",
             key=f"{channel}|{audience}",
         )
-        return bool(rows[0].parked >= count - 2 * CONCURRENCY and rows[0].state == "open")
+        return bool(rows[0].parked >= least and rows[0].state == "open")
 
     await wait_until(parked, 30, "the partition open and its messages parked")
+
+
+async def test_a_fresh_message_probes_before_a_long_break_and_releases_the_parked(
+    fleet: Fleet,
+) -> None:
+    """A break of a minute holds the parked messages' own probe back, not a fresh alert's: the
+    fresh message probes the recovered partition at once, and its success releases the parked
+    messages on both replicas. (The retries on their first hop in the delay backend come back
+    later: that hop is 5 × the break cap.)"""
+    fleet.env.update(
+        ENV | {"WORKER_BREAKER_BREAK_SECONDS": "60", "WORKER_BREAKER_MAX_BREAK_SECONDS": "60"}
+    )
+    await fleet.start(2)
+    await open_partition(fleet, "email", "b", 20, parked_at_least=5)
+    parked = {row.idempotency_key for row in await fleet.rows("SELECT * FROM parked_messages")}
+    fleet.provider.set_rules([])
+    await asyncio.sleep(0.5)  # past the first attempts' probe spacing since the opening
+    fresh = price_change("FRESH", channel="email", audience="b")
+    await fleet.publish([fresh])
+    expected = parked | {fresh.key}
+    await wait_until(all_sent(fleet, expected), 20, "the fresh and the parked messages sent")
+    assert not await fleet.rows("SELECT 1 FROM parked_messages")
+    probes = [e for e in fleet.events("partition_half_open") if e["cause"] == "first attempt"]
+    assert probes
+    sent = [r for r in fleet.provider.requests if r.status < 300]
+    assert len({r.key for r in sent}) == len(sent)  # nothing sent twice
 
 
 async def test_a_probing_replica_killed_does_not_keep_the_partition_open(fleet: Fleet) -> None:
