@@ -13,7 +13,8 @@ twice), publish them publisher-confirmed to the work queue and delete them:
 - the due rows of every partition that admits sends again (a healed partition has made all its
   rows due: :func:`worker.partitions.transition`), at their attempt's priority, so fresh
   messages still go first and fewer attempts before more, and the scheduler takes no more than
-  its slots: no thundering herd;
+  its slots: no thundering herd. Among equal attempts the newest price goes first: an older
+  one of its topic then ends superseded without a call;
 - every expired row, whatever its partition, so that it ends as a dead letter ``expired``
   within ``REFRESH_SECONDS`` of its due time (a superseded one ends ``superseded`` when
   released);
@@ -54,9 +55,11 @@ from worker.storable import clean_text
 
 log = structlog.get_logger("worker.parking")
 
-# Rows released per transaction; a tick goes on while batches come back full.
-_RELEASE_BATCH = 500
-_MAX_BATCHES_PER_TICK = 20
+# Rows released per transaction (published concurrently, then deleted); a tick goes on while
+# batches come back full. Small enough that the first of a healed partition's messages are
+# on the work queue within a few milliseconds, not after a whole backlog's publishes.
+_RELEASE_BATCH = 100
+_MAX_BATCHES_PER_TICK = 100
 _COUNT_EVERY_TICKS = 10
 
 Publish = Callable[[aio_pika.Message], Awaitable[None]]
@@ -87,7 +90,7 @@ _TAKE_RELEASABLE = text(
     """
     SELECT id, attempt, body, headers, content_type FROM parked_messages
     WHERE (partition_key = ANY(:keys) AND due_at <= now()) OR expires_at <= now()
-    ORDER BY attempt, id
+    ORDER BY attempt, occurred_at DESC
     LIMIT :limit FOR UPDATE SKIP LOCKED
     """
 )

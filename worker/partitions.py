@@ -27,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from worker import breaker
+from worker import breaker, db_errors
 from worker.breaker import Admission, BreakerConfig, PartitionHealth, State
 from worker.errors import describe_error
 from worker.metrics import PARTITION_OPENED, PARTITION_STATE, PARTITION_TRANSITIONS, PROBES
@@ -55,6 +55,11 @@ _SELECT_UNHEALTHY = text(
 NOTIFY_CHANNEL = "partition_health"
 _NOTIFY = text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :event)")
 _RELISTEN_SECONDS = 1.0
+# In a provider-wide outage a heal heals every partition (_ALL_HEALED): two replicas healing
+# two partitions at once would each hold its own row and wait for the other's, a deadlock
+# PostgreSQL breaks only after deadlock_timeout (1 s). Their transitions take this
+# transaction-scoped advisory lock first, so they run one at a time.
+_OUTAGE_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('partition_health outage'))")
 _ENSURE = text("INSERT INTO partition_health (partition_key) VALUES (:key) ON CONFLICT DO NOTHING")
 _SELECT_ONE = f"SELECT {_COLUMNS}, now() AS now FROM partition_health WHERE partition_key = :key"
 _LOCK = text(f"{_SELECT_ONE} FOR UPDATE")
@@ -123,6 +128,8 @@ async def transition(
     leave it as it is. Returns (before, after). A partition that heals has its parked
     messages made due in the same transaction.
     """
+    if provider_outage:
+        await conn.execute(_OUTAGE_LOCK)
     await conn.execute(_ENSURE, {"key": key})
     row = (await conn.execute(_LOCK, {"key": key})).one()
     before = _health(row)
@@ -309,8 +316,13 @@ class PartitionBoard:
     async def change(self, key: str, change: Transition, cause: str) -> PartitionHealth:
         """Write a transition of the partition, remember its result, log it if it moved."""
         outage = self.provider_outage()
-        async with self._transactions.begin() as conn:
-            before, after = await transition(conn, key, change, outage)
+
+        async def attempt() -> tuple[PartitionHealth, PartitionHealth]:
+            async with self._transactions.begin() as conn:
+                return await transition(conn, key, change, outage)
+
+        # a deadlock or serialisation failure changed nothing: once more (worker.db_errors)
+        before, after = await db_errors.retrying(attempt)
         self._remember(after)
         log_transition(before, after, cause)
         if after.healthy and not before.healthy:
