@@ -29,6 +29,7 @@ from bench import report, scenarios
 from bench.lib import RESULTS, Provider, medians, write_json
 from bench.systems import ALL_SYSTEMS, SYSTEMS
 
+ONCE = ("backlog_memory", "long_outage")  # long ones: one run
 SHORT = (
     "system", "msgs_per_s", "cpu_system_per_1000", "bottleneck", "lost", "stale_sends", "wall_s"
 )  # fmt: skip
@@ -54,10 +55,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             scenario = chosen[name]
             print(f"{name}: {scenario.about}; {scenario.messages} messages", flush=True)
-            samples: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
-            runs = 1 if name == "backlog_memory" else args.runs  # a long one: once
+            systems = scenario.systems(args.systems)
+            samples: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            runs = 1 if name in ONCE else args.runs
             for run_ in range(runs):
-                for system in args.systems:
+                for system in systems:
                     figures = await scenarios.measure(scenario, system, provider, options)
                     samples[system].append(figures)
                     short = {k: figures.get(k) for k in SHORT}

@@ -11,7 +11,12 @@ matplotlib.use("Agg")  # no screen: draw to a file
 
 import matplotlib.pyplot as plt
 
-COLOURS = {"worker": "tab:blue", "dramatiq": "tab:orange", "celery": "tab:green"}
+COLOURS = {
+    "worker": "tab:blue",
+    "worker-unpartitioned": "tab:purple",
+    "dramatiq": "tab:orange",
+    "celery": "tab:green",
+}
 CPU_GROUPS = ("system", "broker", "postgres", "provider", "publisher")
 
 

@@ -47,6 +47,8 @@ def columns(scenario: str, m: dict[str, Any]) -> list[tuple[str, str]]:
         cells.append(
             ("healthy p50/p99 ms", f"{_num(m['healthy_p50_ms'], 0)}/{_num(m['healthy_p99_ms'], 0)}")
         )
+    if "healthy_p99_vs_steady" in m:
+        cells.append(("healthy p99 ÷ steady", _num(m["healthy_p99_vs_steady"], 2)))
     if "fresh_p50_ms" in m:
         cells.append(
             ("fresh p50/p99 ms", f"{_num(m['fresh_p50_ms'], 0)}/{_num(m['fresh_p99_ms'], 0)}")

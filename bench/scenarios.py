@@ -44,12 +44,14 @@ from bench.lib import (
     published,
     wait_until,
 )
-from bench.systems import Retry, System, make
+from bench.systems import UNPARTITIONED, Retry, System, make
 
 FAILING = (("email", "b"), ("sms", "c"))
 # the outage scenarios' policy for every system: from 1 s, capped, never exhausted
 OUTAGE_RETRY = Retry(max_attempts=100, base_s=1, cap_s=8)
 QUICK_OUTAGE_RETRY = Retry(max_attempts=100, base_s=1, cap_s=2)  # --quick: drains sooner
+# a long outage at the backoff of production: from 5 s, capped at 10 minutes
+PRODUCTION_RETRY = Retry(max_attempts=100, base_s=5, cap_s=600)
 ALL_500 = [{"status": 500}]
 
 
@@ -74,12 +76,23 @@ class Scenario:
     retry: Retry = field(default_factory=Retry)
     timeout: float = 300
     about: str = ""
+    before_after: bool = False  # the worker with partition health off beside the worker
+    peers: bool = True  # False: the worker only (a long outage at production backoff)
+
+    def systems(self, chosen: Sequence[str]) -> list[str]:
+        """The chosen systems this scenario runs."""
+        out = [s for s in chosen if self.peers or s.startswith("worker")]
+        if self.before_after and "worker" in out and UNPARTITIONED not in out:
+            out.insert(out.index("worker") + 1, UNPARTITIONED)
+        return out if self.before_after else [s for s in out if s != UNPARTITIONED]
 
 
 def scenarios(quick: bool) -> dict[str, Scenario]:
     q = quick
     rate = 100
     partial_base, partial_out = (2, 4) if q else (10, 40)
+    long_base, long_out, long_after = (5, 20, 10) if q else (10, 120, 20)
+    long_rate = 50
     full_out, full_after = (3, 3) if q else (30, 15)
     slow_out, slow_after = (3, 3) if q else (30, 20)
     slow_rate = 150
@@ -100,13 +113,28 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
                                      for c, a in FAILING]),
                 Phase(partial_base + partial_out, recovery=True),
             ),
-            retry=retry,
+            retry=retry, before_after=True,
             about=f"500 for {', '.join('/'.join(g) for g in FAILING)} of 8 groups",
         ),
         "full_outage": Scenario(
             "full_outage", rate * (full_out + full_after), rate=rate, tickers=50,
             phases=(Phase(0, ALL_500), Phase(full_out, recovery=True)),
-            retry=retry, about="500 for everything, then healthy with fresh traffic",
+            retry=retry, before_after=True,
+            about="500 for everything, then healthy with fresh traffic",
+        ),
+        "long_outage": Scenario(
+            "long_outage", long_rate * (long_base + long_out + long_after), rate=long_rate,
+            tickers=25,
+            phases=(
+                Phase(0),
+                Phase(long_base, [{"channel": c, "audience": a, "status": 500}
+                                  for c, a in FAILING]),
+                Phase(long_base + long_out, recovery=True),
+            ),
+            retry=PRODUCTION_RETRY, before_after=True, peers=False, timeout=900,
+            about=f"500 for {', '.join('/'.join(g) for g in FAILING)} for {long_out} s at "
+            f"production backoff (from {PRODUCTION_RETRY.base_s:g} s, capped at "
+            f"{PRODUCTION_RETRY.cap_s:g} s), then fresh traffic",
         ),
         "slow_recovery": Scenario(
             "slow_recovery", slow_rate * (slow_out + slow_after), rate=slow_rate, tickers=50,
@@ -192,7 +220,7 @@ async def measure(
 async def _measure(
     scenario: Scenario, name: str, provider: Provider, options: Options
 ) -> dict[str, Any]:
-    env = options.worker_env if name == "worker" else {}
+    env = options.worker_env if name.startswith("worker") else {}
     system = make(name, scenario.name, provider, scenario.retry, env)
     bodies = price_changes(scenario.messages, tickers=scenario.tickers)
     await provider.reset()
@@ -327,7 +355,15 @@ def _figures(
             lat = seen.latencies(healthy)
             figures["healthy_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
             figures["healthy_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
-        else:  # the stream goes on after recovery: the fresh messages
+            # the same stream before the outage, in the same run: what "steady" means here
+            # (its second half: the first includes the systems' warm-up)
+            warm = (applied[0] + outage_from) / 2
+            steady = seen.latencies([m for m in messages if warm <= m.sent_at < outage_from])
+            figures["steady_p99_ms"] = round(percentile(steady, 99) * 1000, 1)
+            if figures["steady_p99_ms"]:
+                ratio = figures["healthy_p99_ms"] / figures["steady_p99_ms"]
+                figures["healthy_p99_vs_steady"] = round(ratio, 2)
+        if len(fresh) >= 2 * scenario.rate:  # the stream goes on after recovery: fresh ones
             lat = seen.latencies(fresh)
             figures["fresh_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
             figures["fresh_p99_ms"] = round(percentile(lat, 99) * 1000, 1)

@@ -31,7 +31,10 @@ from worker.topology import declare_topology
 PROCESSES = 2
 THREADS = 16  # the worker's WORKER_CONCURRENCY, the peers' threads per process
 SYSTEMS = ("worker", "dramatiq", "celery")  # the default set; "floor" on request
-ALL_SYSTEMS = (*SYSTEMS, "floor")
+# the worker with partition health off, as it was before it: beside the worker where a
+# scenario compares the two (Scenario.before_after)
+UNPARTITIONED = "worker-unpartitioned"
+ALL_SYSTEMS = (*SYSTEMS, UNPARTITIONED, "floor")
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,14 @@ class Worker(System):
 
     async def teardown(self) -> None:
         await self.world.close()
+
+
+class UnpartitionedWorker(Worker):
+    name = UNPARTITIONED
+
+    async def setup(self) -> None:
+        self.extra_env = {**self.extra_env, "WORKER_BREAKER_FAILURES": "0"}
+        await super().setup()
 
 
 class _Peer(System):
@@ -296,7 +307,9 @@ def make(
     name: str, run: str, provider: Provider, retry: Retry, extra_env: dict[str, str]
 ) -> System:
     classes: dict[str, type[System]] = {
-        "worker": Worker, "dramatiq": Dramatiq, "celery": Celery, "floor": Floor
+        "worker": Worker, UNPARTITIONED: UnpartitionedWorker, "dramatiq": Dramatiq,
+        "celery": Celery, "floor": Floor,
     }  # fmt: skip
     cls = classes[name]
-    return cls(f"{run}_{name}" if name != "worker" else run, provider, retry, extra_env)
+    suffix = name.replace("-", "_")  # queue and database names
+    return cls(f"{run}_{suffix}" if name != "worker" else run, provider, retry, extra_env)
