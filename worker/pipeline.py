@@ -213,7 +213,6 @@ class Pipeline:
             )
             bound.info("deferred", outcome=Outcome.DEFERRED, delay=round(early, 3))
             return Outcome.DEFERRED
-        token = uuid.uuid4()
         action, wait_seconds, recorded = await self._claim(message, delivery, token)
         if recorded > delivery.attempt:
             # A copy of a second chain (its retry was published, its ack lost with the channel,
