@@ -214,12 +214,6 @@ class Pipeline:
             bound.info("deferred", outcome=Outcome.DEFERRED, delay=round(early, 3))
             return Outcome.DEFERRED
         action, wait_seconds, recorded = await self._claim(message, delivery, token)
-        if recorded > delivery.attempt:
-            # A copy of a second chain (its retry was published, its ack lost with the channel,
-            # and the broker requeued it too): it continues from the attempts the key has
-            # used, so two chains share one WORKER_MAX_ATTEMPTS.
-            bound.info("attempts_from_record", recorded=recorded)
-            delivery = dataclasses.replace(delivery, attempt=recorded)
         if probe is not None and action is not ClaimAction.CLAIM:
             await self.board.abandon_probe(partition, probe)
         if action is ClaimAction.FINISHED:
@@ -229,6 +223,13 @@ class Pipeline:
             await self.store.mark_superseded(message)
             bound.info("superseded", outcome=Outcome.SUPERSEDED)
             return Outcome.SUPERSEDED
+        if recorded > delivery.attempt:
+            # A copy of a second chain (its retry was published, its ack lost with the channel,
+            # and the broker requeued it too): it continues from the attempts the key has
+            # used, so two chains share one WORKER_MAX_ATTEMPTS.
+            bound.info("attempts_from_record", recorded=recorded)
+            delivery = dataclasses.replace(delivery, attempt=recorded)
+            bound = bound.bind(attempt=recorded)
         if action is ClaimAction.WAIT:
             delivery.check_channel()
             await self.delay.publish(
