@@ -57,6 +57,9 @@ class BreakerConfig:
     break_seconds: float = 0.5
     max_break_seconds: float = 2.0
     fresh_probe_seconds: float = 0.2
+    # the longest a Retry-After throttles a partition (the worker: WORKER_BACKOFF_MAX_SECONDS,
+    # the cap of the message's own wait)
+    max_throttle_seconds: float = 3600.0
     # provider-wide outage: at least this many partitions open, and at least this share of
     # the partitions in use
     outage_partitions: int = 2
@@ -115,13 +118,12 @@ def admit(
     now: datetime,
     probe_token: uuid.UUID | None = None,
     probing_elsewhere: bool = False,
-    first_attempt: bool = False,
-    config: BreakerConfig | None = None,
+    fresh_probe_seconds: float = 0.0,
 ) -> Admission:
     """What to do with a message of the partition. ``probe_token``: the probe the message was
     released as, if any; ``probing_elsewhere``: in a provider-wide outage, another partition's
-    probe is in flight (one at a time); ``first_attempt`` (with ``config``): the message has
-    not failed yet, and may probe before the break is over."""
+    probe is in flight (one at a time); ``fresh_probe_seconds``: for a first attempt, the
+    config's spacing: it may probe before the break is over (0: it waits for the break)."""
     if health is None:
         return Admission.SEND
     if health.held:
@@ -136,18 +138,17 @@ def admit(
     elif (
         health.open_until is not None
         and health.open_until > now
-        and not (first_attempt and config is not None and _fresh_may_probe(health, now, config))
+        and not _fresh_may_probe(health, now, fresh_probe_seconds)
     ):
         return Admission.PARK
     return Admission.PARK if probing_elsewhere else Admission.PROBE
 
 
-def _fresh_may_probe(health: PartitionHealth, now: datetime, config: BreakerConfig) -> bool:
-    since = now - timedelta(seconds=config.fresh_probe_seconds)
+def _fresh_may_probe(health: PartitionHealth, now: datetime, spacing: float) -> bool:
     return (
-        config.fresh_probe_seconds > 0
+        spacing > 0
         and not health.throttled(now)
-        and not health.tried_since(since)
+        and not health.tried_since(now - timedelta(seconds=spacing))
     )
 
 
@@ -156,11 +157,10 @@ def take_probe(
     now: datetime,
     token: uuid.UUID,
     lease_seconds: float,
-    first_attempt: bool = False,
-    config: BreakerConfig | None = None,
+    fresh_probe_seconds: float = 0.0,
 ) -> PartitionHealth | None:
     """Become the partition's probe, or None when it is not (or no longer) to be probed."""
-    if admit(health, now, first_attempt=first_attempt, config=config) is not Admission.PROBE:
+    if admit(health, now, fresh_probe_seconds=fresh_probe_seconds) is not Admission.PROBE:
         return None
     return replace(
         health,
@@ -212,7 +212,8 @@ def on_failure(
             probe_until=None,
         )
     if retry_after is not None and retry_after > 0:
-        until = now + timedelta(seconds=retry_after)
+        # bounded: a Retry-After of 12 digits would not even fit a datetime
+        until = now + timedelta(seconds=min(retry_after, config.max_throttle_seconds))
         health = replace(
             health,
             state=State.OPEN,
@@ -276,13 +277,12 @@ def probing_elsewhere(
     key: str,
     now: datetime,
     config: BreakerConfig,
-    first_attempt: bool = False,
+    fresh_probe_seconds: float = 0.0,
 ) -> bool:
     """In a provider-wide outage, the fleet's one probe: another partition is being probed,
     or was within the base break (at most one probe per ``break_seconds`` in all; for a first
-    attempt, per ``fresh_probe_seconds``)."""
-    spacing = config.fresh_probe_seconds if first_attempt else config.break_seconds
-    since = now - timedelta(seconds=spacing)
+    attempt, per its ``fresh_probe_seconds``)."""
+    since = now - timedelta(seconds=fresh_probe_seconds or config.break_seconds)
     return any(s.probed_since(since) for s in states if s.key != key)
 
 

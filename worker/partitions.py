@@ -238,10 +238,15 @@ class PartitionBoard:
         if health is None or (health.state is State.CLOSED and not health.held):
             return Admission.SEND  # the common case decided without looking at the others
         now = datetime.now(UTC)
+        spacing = self._fresh_spacing(first_attempt)
         elsewhere = self.provider_outage() and breaker.probing_elsewhere(
-            self._states.values(), key, now, self.config, first_attempt
+            self._states.values(), key, now, self.config, spacing
         )
-        return breaker.admit(health, now, probe_token, elsewhere, first_attempt, self.config)
+        return breaker.admit(health, now, probe_token, elsewhere, spacing)
+
+    def _fresh_spacing(self, first_attempt: bool) -> float:
+        """How soon a message may probe before the break is over: first attempts only."""
+        return self.config.fresh_probe_seconds if first_attempt else 0.0
 
     async def refresh(self) -> None:
         async with self._engine.connect() as conn:
@@ -335,7 +340,7 @@ class PartitionBoard:
         after = await self.change(
             key,
             lambda health, now: breaker.take_probe(
-                health, now, token, self._lease_seconds, first_attempt, self.config
+                health, now, token, self._lease_seconds, self._fresh_spacing(first_attempt)
             ),
             "first attempt" if first_attempt else "break over",
         )

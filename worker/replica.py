@@ -136,6 +136,7 @@ class Replica:
                 break_seconds=settings.breaker_break_seconds,
                 max_break_seconds=settings.breaker_max_break_seconds,
                 fresh_probe_seconds=settings.breaker_fresh_probe_seconds,
+                max_throttle_seconds=settings.backoff_max_seconds,
             ),
             settings.lease_seconds,
         )

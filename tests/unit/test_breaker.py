@@ -165,23 +165,39 @@ def test_a_first_attempt_probes_before_the_break_is_over_at_most_once_per_spacin
     soon = NOW + timedelta(seconds=config.fresh_probe_seconds / 2)
     later = NOW + timedelta(seconds=config.fresh_probe_seconds * 2)
     # a retry waits for the break; a first attempt only for the spacing since the opening
-    assert breaker.admit(opened, later, config=config) is Admission.PARK
-    assert breaker.admit(opened, soon, first_attempt=True, config=config) is Admission.PARK
-    assert breaker.admit(opened, later, first_attempt=True, config=config) is Admission.PROBE
+    assert breaker.admit(opened, later) is Admission.PARK
+    assert (
+        breaker.admit(opened, soon, fresh_probe_seconds=config.fresh_probe_seconds)
+        is Admission.PARK
+    )
+    assert (
+        breaker.admit(opened, later, fresh_probe_seconds=config.fresh_probe_seconds)
+        is Admission.PROBE
+    )
     assert breaker.take_probe(opened, later, uuid.uuid4(), 25) is None
     token = uuid.uuid4()
-    probing = breaker.take_probe(opened, later, token, 25, first_attempt=True, config=config)
+    probing = breaker.take_probe(
+        opened, later, token, 25, fresh_probe_seconds=config.fresh_probe_seconds
+    )
     assert probing is not None
     # one probe at a time: the next first attempt parks while it is in flight
-    assert breaker.admit(probing, later, first_attempt=True, config=config) is Admission.PARK
+    assert (
+        breaker.admit(probing, later, fresh_probe_seconds=config.fresh_probe_seconds)
+        is Admission.PARK
+    )
     # failed: the break grows for the retries, the first attempts probe again after the spacing
     again = fail(probing, probe_token=token)
     assert again.state is State.OPEN
     spaced = later + timedelta(seconds=config.fresh_probe_seconds * 1.5)
-    assert breaker.admit(again, spaced, first_attempt=True, config=config) is Admission.PROBE
-    assert breaker.admit(again, spaced, config=config) is Admission.PARK
+    assert (
+        breaker.admit(again, spaced, fresh_probe_seconds=config.fresh_probe_seconds)
+        is Admission.PROBE
+    )
+    assert breaker.admit(again, spaced) is Admission.PARK
     off = BreakerConfig(failures=3, break_seconds=4.0, fresh_probe_seconds=0)
-    assert breaker.admit(again, spaced, first_attempt=True, config=off) is Admission.PARK
+    assert (
+        breaker.admit(again, spaced, fresh_probe_seconds=off.fresh_probe_seconds) is Admission.PARK
+    )
 
 
 def test_no_first_attempt_probes_a_partition_throttled_by_retry_after() -> None:
@@ -189,9 +205,21 @@ def test_no_first_attempt_probes_a_partition_throttled_by_retry_after() -> None:
     throttled = fail(PartitionHealth("sms|c"), retry_after=30.0)
     assert throttled.throttled_until == NOW + timedelta(seconds=30)
     inside = NOW + timedelta(seconds=29)
-    assert breaker.admit(throttled, inside, first_attempt=True, config=config) is Admission.PARK
+    assert (
+        breaker.admit(throttled, inside, fresh_probe_seconds=config.fresh_probe_seconds)
+        is Admission.PARK
+    )
     after = NOW + timedelta(seconds=31)
-    assert breaker.admit(throttled, after, first_attempt=True, config=config) is Admission.PROBE
+    assert (
+        breaker.admit(throttled, after, fresh_probe_seconds=config.fresh_probe_seconds)
+        is Admission.PROBE
+    )
+
+
+def test_a_retry_after_too_long_for_a_datetime_throttles_for_the_cap() -> None:
+    health = fail(PartitionHealth("sms|c"), retry_after=999_999_999_999.0)
+    cap = NOW + timedelta(seconds=CONFIG.max_throttle_seconds)
+    assert (health.open_until, health.throttled_until) == (cap, cap)
 
 
 def test_in_a_provider_wide_outage_first_attempts_probe_at_their_own_spacing() -> None:
@@ -203,7 +231,7 @@ def test_in_a_provider_wide_outage_first_attempts_probe_at_their_own_spacing() -
     states = [failed, opened[1]]
     after = NOW + timedelta(seconds=5.3)  # past the fresh spacing, within the base break
     assert breaker.probing_elsewhere(states, "email|b", after, config)
-    assert not breaker.probing_elsewhere(states, "email|b", after, config, first_attempt=True)
+    assert not breaker.probing_elsewhere(states, "email|b", after, config, 0.2)
 
 
 def test_a_held_partition_parks_everything_until_closed() -> None:
