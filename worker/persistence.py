@@ -5,6 +5,8 @@ own, with no transaction held open across the provider call. Concurrency between
 settled by a *topic lease* on ``topic_watermarks`` taken by compare-and-set on its ``version``:
 while one replica sends a message of a topic key, no other sends any message of that topic, so
 an idempotency key is never sent twice at once and an older price never overtakes a newer one.
+A delivery's claim (record the key, read its state, take the lease) is one statement; so are
+its outcome's.
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
 # once, unnest()ed, and every output row numbered by its input position. Input rows are sorted
 # by topic, then key, so that concurrent batches lock rows in one order.
 
-_READ_STATES = """
+_CLAIM = """
     WITH input AS (
         SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]),
                              CAST($3 AS int[]), CAST($4 AS timestamptz[]),
-                             CAST($5 AS timestamptz[]), CAST($6 AS jsonb[]))
-            WITH ORDINALITY AS i (key, topic, attempts, first_seen_at, occurred_at, payload, n)
+                             CAST($5 AS timestamptz[]), CAST($6 AS jsonb[]),
+                             CAST($7 AS uuid[]))
+            WITH ORDINALITY AS i (key, topic, attempts, first_seen_at, occurred_at, payload,
+                                  token, n)
     ), new_delivery AS (
         INSERT INTO deliveries (idempotency_key, topic_key, status, attempts,
                                 first_seen_at, occurred_at, payload)
@@ -87,43 +91,55 @@ _READ_STATES = """
         FROM input ORDER BY n
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING idempotency_key, status
+    ), state AS (
+        -- rows inserted by this statement are not visible to its own reads: hence COALESCE
+        SELECT i.n, i.topic, i.token, i.occurred_at, t.topic_key IS NOT NULL AS has_topic,
+               COALESCE(nd.status, d.status, 'pending') AS status,
+               GREATEST(i.attempts, COALESCE(d.attempts, 0)) AS attempts,
+               t.occurred_at AS watermark, t.lease_until, t.lease_occurred_at, t.version
+        FROM input AS i
+        LEFT JOIN new_delivery AS nd ON nd.idempotency_key = i.key
+        LEFT JOIN deliveries AS d ON d.idempotency_key = i.key
+        LEFT JOIN topic_watermarks AS t ON t.topic_key = i.topic
+    ), claimable AS (
+        -- worker.decisions.decide_claim's CLAIM, for the newest such message of each topic
+        SELECT DISTINCT ON (topic) topic, token, occurred_at, has_topic, version
+        FROM state
+        WHERE status = 'pending'
+          AND (watermark IS NULL OR occurred_at >= watermark)
+          AND (lease_until IS NULL
+               OR (lease_until <= now()
+                   AND (lease_occurred_at IS NULL OR occurred_at >= lease_occurred_at)))
+        ORDER BY topic, occurred_at DESC, n
     ), new_topic AS (
-        INSERT INTO topic_watermarks (topic_key)
-        SELECT DISTINCT topic FROM input ORDER BY topic
+        -- a topic seen for the first time is created leased; one created meanwhile by
+        -- another statement is left alone, and this message reads its state again
+        INSERT INTO topic_watermarks (topic_key, lease_token, lease_until, lease_occurred_at,
+                                      version)
+        SELECT topic, token, now() + make_interval(secs => $8), occurred_at, 1
+        FROM claimable WHERE NOT has_topic ORDER BY topic
         ON CONFLICT (topic_key) DO NOTHING
+        RETURNING lease_token
+    ), leased AS (
+        -- compare-and-set on the version read: a topic changed since is not leased
+        UPDATE topic_watermarks AS t
+        SET lease_token = c.token,
+            lease_until = now() + make_interval(secs => $8),
+            lease_occurred_at = c.occurred_at,
+            -- taking over an expired lease: its holder may have delivered before it died
+            occurred_at = CASE WHEN t.lease_until IS NULL THEN t.occurred_at
+                               ELSE GREATEST(t.occurred_at, t.lease_occurred_at) END,
+            version = t.version + 1
+        FROM claimable AS c
+        WHERE c.has_topic AND t.topic_key = c.topic AND t.version = c.version
+        RETURNING t.lease_token
+    ), won AS (
+        SELECT lease_token FROM new_topic UNION ALL SELECT lease_token FROM leased
     )
-    -- rows inserted by this statement are not visible to its own reads: hence the COALESCEs
-    SELECT i.n, COALESCE(nd.status, d.status, 'pending') AS status,
-           GREATEST(i.attempts, COALESCE(d.attempts, 0)) AS attempts,
-           t.occurred_at AS watermark, t.lease_until, t.lease_occurred_at,
-           COALESCE(t.version, 0) AS version, now() AS now
-    FROM input AS i
-    LEFT JOIN new_delivery AS nd ON nd.idempotency_key = i.key
-    LEFT JOIN deliveries AS d ON d.idempotency_key = i.key
-    LEFT JOIN topic_watermarks AS t ON t.topic_key = i.topic
-    ORDER BY i.n
-"""
-
-# Compare-and-set on each topic's version. Two rows of one topic at one version: one wins,
-# and RETURNING names it by its token.
-_TAKE_LEASES = """
-    WITH input AS (
-        SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS bigint[]),
-                             CAST($3 AS uuid[]), CAST($4 AS timestamptz[]),
-                             CAST($5 AS float8[]))
-            WITH ORDINALITY AS i (topic, version, token, occurred_at, lease_seconds, n)
-    )
-    UPDATE topic_watermarks AS t
-    SET lease_token = i.token,
-        lease_until = now() + make_interval(secs => i.lease_seconds),
-        lease_occurred_at = i.occurred_at,
-        -- taking over an expired lease: its holder may have delivered before it died
-        occurred_at = CASE WHEN t.lease_until IS NULL THEN t.occurred_at
-                           ELSE GREATEST(t.occurred_at, t.lease_occurred_at) END,
-        version = t.version + 1
-    FROM input AS i
-    WHERE t.topic_key = i.topic AND t.version = i.version
-    RETURNING t.lease_token
+    SELECT s.n, s.status, s.attempts, s.watermark, s.lease_until, s.lease_occurred_at,
+           now() AS now, s.token IN (SELECT lease_token FROM won) AS won
+    FROM state AS s
+    ORDER BY s.n
 """
 
 # Record the sends, raise each topic's watermark to its newest sent message and release the
@@ -313,18 +329,11 @@ _NO_STATE = ClaimState(
 
 
 @dataclass(frozen=True, slots=True)
-class _ClaimRead:
+class _Claim:
     message: PriceChange
     attempts: int
     first_seen_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class _LeaseTake:
-    message: PriceChange
-    version: int
     token: uuid.UUID
-    lease_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,20 +375,19 @@ class DeliveryStore:
     # Batches of one statement in flight at once: while one waits for its commit to reach the
     # disk, the next can start. Each lane keeps a pool connection (PINNED of them in all).
     LANES = 2
-    PINNED = 4 * LANES
+    PINNED = 3 * LANES
 
-    def __init__(self, engine: AsyncEngine, batch_size: int = 64) -> None:
+    def __init__(self, engine: AsyncEngine, lease_seconds: float, batch_size: int = 64) -> None:
         self.engine = engine
+        self._lease_seconds = lease_seconds
         # A batch the database refused for one row's data is split until that row fails alone.
         isolate = db_errors.is_data_error
-        self._read_states = Batcher(self._read_states_batch, batch_size, self.LANES, isolate)
-        self._take_leases = Batcher(self._take_leases_batch, batch_size, self.LANES, isolate)
+        self._claims = Batcher(self._claims_batch, batch_size, self.LANES, isolate)
         self._mark_sent = Batcher(self._mark_sent_batch, batch_size, self.LANES, isolate)
         self._record_failures = Batcher(
             self._record_failures_batch, batch_size, self.LANES, isolate
         )
-        self._read_states_lanes = self._pin()
-        self._take_leases_lanes = self._pin()
+        self._claims_lanes = self._pin()
         self._mark_sent_lanes = self._pin()
         self._record_failures_lanes = self._pin()
 
@@ -389,8 +397,7 @@ class DeliveryStore:
     async def close(self) -> None:
         """Give back the batchers' connections (before the engine is disposed)."""
         for lanes in (
-            self._read_states_lanes,
-            self._take_leases_lanes,
+            self._claims_lanes,
             self._mark_sent_lanes,
             self._record_failures_lanes,
         ):
@@ -429,17 +436,13 @@ class DeliveryStore:
             result = await conn.execute(statement, params)
             return list(result.fetchall()) if result.returns_rows else []
 
-    async def read_claim_state(
-        self, message: PriceChange, attempts: int, first_seen_at: datetime
-    ) -> tuple[ClaimState, int]:
-        """Record the key as pending if new; return its state, its topic's and the version."""
-        return await self._read_states.submit(_ClaimRead(message, attempts, first_seen_at))
-
-    async def take_lease(
-        self, message: PriceChange, version: int, token: uuid.UUID, lease_seconds: float
-    ) -> bool:
-        """Compare-and-set: succeeds only if the topic row is still at ``version``."""
-        return await self._take_leases.submit(_LeaseTake(message, version, token, lease_seconds))
+    async def claim(
+        self, message: PriceChange, attempts: int, first_seen_at: datetime, token: uuid.UUID
+    ) -> tuple[ClaimState, bool]:
+        """Record the key as pending if new; return its state and its topic's, and whether
+        the topic lease was taken under ``token`` (for the newest claimable message of its
+        topic in the batch, by compare-and-set on the topic's version): one statement."""
+        return await self._claims.submit(_Claim(message, attempts, first_seen_at, token))
 
     async def mark_sent(
         self,
@@ -454,20 +457,22 @@ class DeliveryStore:
             _Sent(message, token, attempts, provider_status, provider_message_id)
         )
 
-    async def _read_states_batch(
-        self, reads: Sequence[_ClaimRead], lane: int
-    ) -> list[tuple[ClaimState, int]]:
-        order = _by_topic(reads)
-        rows = await self._read_states_lanes[lane].fetch(
-            _READ_STATES,
-            [reads[i].message.idempotency_key for i in order],
-            [reads[i].message.topic_key for i in order],
-            [reads[i].attempts for i in order],
-            [reads[i].first_seen_at for i in order],
-            [reads[i].message.occurred_at for i in order],
-            [dumps(reads[i].message.stored_payload()) for i in order],
+    async def _claims_batch(
+        self, claims: Sequence[_Claim], lane: int
+    ) -> list[tuple[ClaimState, bool]]:
+        order = _by_topic(claims)
+        rows = await self._claims_lanes[lane].fetch(
+            _CLAIM,
+            [claims[i].message.idempotency_key for i in order],
+            [claims[i].message.topic_key for i in order],
+            [claims[i].attempts for i in order],
+            [claims[i].first_seen_at for i in order],
+            [claims[i].message.occurred_at for i in order],
+            [dumps(claims[i].message.stored_payload()) for i in order],
+            [claims[i].token for i in order],
+            self._lease_seconds,
         )
-        results: list[tuple[ClaimState, int]] = [(_NO_STATE, 0)] * len(reads)
+        results: list[tuple[ClaimState, bool]] = [(_NO_STATE, False)] * len(claims)
         for position, row in zip(order, rows, strict=True):
             state = ClaimState(
                 delivery_status=row["status"],
@@ -477,21 +482,8 @@ class DeliveryStore:
                 lease_occurred_at=row["lease_occurred_at"],
                 now=row["now"],
             )
-            results[position] = (state, int(row["version"]))
+            results[position] = (state, bool(row["won"]))
         return results
-
-    async def _take_leases_batch(self, takes: Sequence[_LeaseTake], lane: int) -> list[bool]:
-        order = _by_topic(takes)
-        rows = await self._take_leases_lanes[lane].fetch(
-            _TAKE_LEASES,
-            [takes[i].message.topic_key for i in order],
-            [takes[i].version for i in order],
-            [takes[i].token for i in order],
-            [takes[i].message.occurred_at for i in order],
-            [takes[i].lease_seconds for i in order],
-        )
-        won = {row["lease_token"] for row in rows}
-        return [take.token in won for take in takes]
 
     async def _mark_sent_batch(self, sends: Sequence[_Sent], lane: int) -> list[None]:
         order = _by_topic(sends)

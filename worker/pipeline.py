@@ -321,16 +321,18 @@ class Pipeline:
         pause = 0.02
         waited = 0.0
         for _ in range(_CLAIM_ROUNDS):
-            state, version = await self.store.read_claim_state(
-                message, delivery.attempt, delivery.first_seen_at
+            state, won = await self.store.claim(
+                message, delivery.attempt, delivery.first_seen_at, token
             )
             action = decide_claim(state, message.occurred_at)
+            if won:
+                # the statement leased the topic only on this same decision
+                assert action is ClaimAction.CLAIM, action
+                return action, 0.0, state.attempts
             if action is ClaimAction.CLAIM:
-                if await self.store.take_lease(
-                    message, version, token, self.settings.lease_seconds
-                ):
-                    return action, 0.0, state.attempts
-                continue  # another replica moved the topic on: read it again
+                # the topic moved on (another replica), or a newer message of it in the same
+                # batch took the lease: read it again
+                continue
             if action is not ClaimAction.WAIT:
                 return action, 0.0, state.attempts
             assert state.lease_until is not None

@@ -127,7 +127,7 @@ class Replica:
         self._engine = create_engine(
             settings.database_url, pool_size=pool_size(settings.concurrency)
         )
-        self._store = DeliveryStore(self._engine)
+        self._store = DeliveryStore(self._engine, settings.lease_seconds)
         self._board = PartitionBoard(
             self._engine,
             settings.partition_fields,

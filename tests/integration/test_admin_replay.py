@@ -48,7 +48,7 @@ async def store(harness: Harness) -> AsyncIterator[DeliveryStore]:
     engine = create_engine(
         harness.database_url.replace("postgresql://", "postgresql+asyncpg://"), 8
     )
-    yield DeliveryStore(engine)
+    yield DeliveryStore(engine, lease_seconds=25)
     await engine.dispose()
 
 

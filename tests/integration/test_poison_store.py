@@ -26,7 +26,7 @@ for _ in range(40):
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[DeliveryStore]:
     engine = create_engine(database_url.replace("postgresql://", "postgresql+asyncpg://"), 8)
-    store = DeliveryStore(engine)
+    store = DeliveryStore(engine, lease_seconds=25)
     yield store
     await store.close()
     await engine.dispose()
@@ -55,7 +55,7 @@ async def test_one_bad_row_fails_only_its_own_caller(store: DeliveryStore) -> No
         )
     messages = [_message(f"T{n}", "poison" if n == 7 else None) for n in range(20)]
     results = await asyncio.gather(
-        *(store.read_claim_state(m, 0, NOW) for m in messages),  # type: ignore[arg-type]
+        *(store.claim(m, 0, NOW, uuid.uuid4()) for m in messages),  # type: ignore[arg-type]
         return_exceptions=True,
     )
     failed = [n for n, r in enumerate(results) if isinstance(r, BaseException)]
