@@ -70,6 +70,7 @@ def migrate(settings: Settings) -> None:
 
 def _run(settings: Settings) -> None:
     import asyncio
+    import gc
     import signal
 
     import uvloop
@@ -83,6 +84,10 @@ def _run(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await Replica(settings).run(stop)
 
+    # What is loaded by now (modules, pydantic's schemas, settings) lives as long as the
+    # process: out of the collector's generations, it is not scanned again at every full
+    # collection (measured here: a third of the time the collector took in a steady drain).
+    gc.freeze()
     uvloop.run(run())
 
 

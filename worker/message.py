@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.errors import describe_error
-from worker.storable import has_unstorable
+from worker.storable import dumps, has_unstorable
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 _MAX_PRICE_EXPONENT = 30  # prices between 1e-30 and 1e31: no exotic exponents
@@ -134,6 +134,16 @@ class PriceChange(BaseModel):
         """What ``deliveries.payload`` keeps: the normalised fields plus every unknown field."""
         return {**(self.model_extra or {}), **self.provider_body(), "channel": self.channel}
 
+    @cached_property
+    def provider_json(self) -> bytes:
+        """:meth:`provider_body` encoded once, for every attempt of this delivery."""
+        return json.dumps(self.provider_body(), separators=(",", ":")).encode()
+
+    @cached_property
+    def stored_payload_json(self) -> str:
+        """:meth:`stored_payload` as the jsonb text the claim stores."""
+        return dumps(self.stored_payload())
+
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")
@@ -189,7 +199,7 @@ def _parse(
         raise InvalidMessage("occurred_at: more than 5 minutes in the future")
     # computed here, so that nothing about the key can fail later
     message.idempotency_key  # noqa: B018
-    message.stored_payload()
+    message.stored_payload_json  # noqa: B018
     return message
 
 

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, text
@@ -34,26 +33,11 @@ from worker.batching import Batcher
 from worker.decisions import ClaimState
 from worker.message import PriceChange
 from worker.schema import SCHEMA_REVISION
-from worker.storable import MAX_TEXT_CHARS, storable_json, storable_text
+from worker.storable import MAX_TEXT_CHARS, dumps, storable_json, storable_text
 
 
 class SchemaMismatch(RuntimeError):
     """The database is not at the schema revision this code expects."""
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def dumps(value: object) -> str:
-    # allow_nan=False: NaN is not JSON and jsonb refuses it; such a value is a data error
-    return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
 
 
 def create_engine(url: str, pool_size: int) -> AsyncEngine:
@@ -468,7 +452,7 @@ class DeliveryStore:
             [claims[i].attempts for i in order],
             [claims[i].first_seen_at for i in order],
             [claims[i].message.occurred_at for i in order],
-            [dumps(claims[i].message.stored_payload()) for i in order],
+            [claims[i].message.stored_payload_json for i in order],
             [claims[i].token for i in order],
             self._lease_seconds,
         )

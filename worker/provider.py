@@ -75,10 +75,10 @@ class ProviderClient:
 
     async def _post(self, message: PriceChange) -> ProviderAnswer:
         url = f"{self._base_url}/v1/notifications/{message.channel}"
-        headers = {"Idempotency-Key": message.idempotency_key}
+        headers = {"Idempotency-Key": message.idempotency_key, "Content-Type": "application/json"}
         try:
             async with self._session.post(
-                url, json=message.provider_body(), headers=headers, allow_redirects=False
+                url, data=message.provider_json, headers=headers, allow_redirects=False
             ) as response:
                 return await _read_answer(response)
         except TimeoutError:

@@ -13,6 +13,7 @@ elsewhere: a dead letter keeps the body's exact bytes in ``payload`` (bytea), an
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -114,3 +115,19 @@ def _storable(value: Any, budget: _Budget, depth: int) -> Any:
         return [_storable(item, budget, depth + 1) for item in value[:MAX_ITEMS]]
     budget.changed = True
     return budget.text(repr(value)[:MAX_TEXT_CHARS])
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(value: object) -> str:
+    """Compact JSON for a jsonb column: decimals exact, as text."""
+    # allow_nan=False: NaN is not JSON and jsonb refuses it; such a value is a data error
+    return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)

@@ -25,8 +25,7 @@ from worker.envelope import (
     read_replayed_from,
 )
 from worker.message import InvalidMessage, PriceChange, parse_message
-from worker.persistence import dumps
-from worker.storable import has_unstorable, storable_json, storable_text
+from worker.storable import dumps, has_unstorable, storable_json, storable_text
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)
 # derandomized: the same 300 examples every run, so that CI never fails by the luck of a draw
