@@ -13,8 +13,10 @@ twice), publish them publisher-confirmed to the work queue and delete them:
 - the due rows of every partition that admits sends again (a healed partition has made all its
   rows due: :func:`worker.partitions.transition`), at their attempt's priority, so fresh
   messages still go first and fewer attempts before more, and the scheduler takes no more than
-  its slots: no thundering herd. Among equal attempts the newest price goes first: an older
-  one of its topic then ends superseded without a call;
+  its slots: no thundering herd. A row is released only as its topic's newest parked price,
+  and a topic once per tick: its older rows follow once the newest is sent, and end
+  superseded without a call (released together, the older one, at a higher priority for
+  fewer attempts, would be sent first and the newest a whole backlog later);
 - every expired row, whatever its partition, so that it ends as a dead letter ``expired``
   within ``REFRESH_SECONDS`` of its due time (a superseded one ends ``superseded`` when
   released);
@@ -66,11 +68,21 @@ Publish = Callable[[aio_pika.Message], Awaitable[None]]
 
 _PARK = """
     INSERT INTO parked_messages (partition_key, idempotency_key, attempt, body, headers,
-                                 content_type, occurred_at, due_at, expires_at)
+                                 content_type, occurred_at, due_at, expires_at, topic_key)
     SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]), CAST($3 AS int[]),
                          CAST($4 AS bytea[]), CAST($5 AS bytea[]), CAST($6 AS text[]),
                          CAST($7 AS timestamptz[]), CAST($8 AS timestamptz[]),
-                         CAST($9 AS timestamptz[]))
+                         CAST($9 AS timestamptz[]), CAST($10 AS text[]))
+"""
+# Of a topic not released yet in this tick, its newest parked row, or one no newer than its
+# topic's newest sent price (it ends superseded; a row of an older revision has no topic: on
+# its own). Expired rows go whatever their partition or topic.
+_NEWEST_OF_ITS_TOPIC = """
+    COALESCE(p.topic_key <> ALL(:released_topics), true)
+    AND (NOT EXISTS (SELECT 1 FROM parked_messages AS newer
+                     WHERE newer.topic_key = p.topic_key AND newer.occurred_at > p.occurred_at)
+         OR p.occurred_at <= (SELECT t.occurred_at FROM topic_watermarks AS t
+                              WHERE t.topic_key = p.topic_key))
 """
 # The distinct partitions with parked rows, by a walk of the index (one probe per partition).
 _PARKED_PARTITIONS = text(
@@ -87,18 +99,19 @@ _PARKED_PARTITIONS = text(
     """
 )
 _TAKE_RELEASABLE = text(
-    """
-    SELECT id, attempt, body, headers, content_type FROM parked_messages
-    WHERE (partition_key = ANY(:keys) AND due_at <= now()) OR expires_at <= now()
+    f"""
+    SELECT id, attempt, body, headers, content_type, topic_key FROM parked_messages AS p
+    WHERE (p.partition_key = ANY(:keys) AND p.due_at <= now() AND {_NEWEST_OF_ITS_TOPIC})
+       OR p.expires_at <= now()
     ORDER BY attempt, occurred_at DESC
     LIMIT :limit FOR UPDATE SKIP LOCKED
     """
 )
 # The probe: the newest price of the fewest attempts, the message most worth sending first.
 _TAKE_PROBE = text(
-    """
-    SELECT id, attempt, body, headers, content_type FROM parked_messages
-    WHERE partition_key = :key
+    f"""
+    SELECT id, attempt, body, headers, content_type, topic_key FROM parked_messages AS p
+    WHERE p.partition_key = :key AND {_NEWEST_OF_ITS_TOPIC}
     ORDER BY attempt, occurred_at DESC
     LIMIT 1 FOR UPDATE SKIP LOCKED
     """
@@ -130,6 +143,7 @@ def _wire_values(value: Any) -> Any:
 @dataclass(frozen=True, slots=True)
 class Parked:
     partition: str
+    topic_key: str
     idempotency_key: str
     attempt: int
     message: aio_pika.Message
@@ -177,6 +191,7 @@ class ParkingLot:
             [r.occurred_at for r in rows],
             [r.due_at for r in rows],
             [r.expires_at for r in rows],
+            [r.topic_key for r in rows],
         )
         return [None] * len(rows)
 
@@ -218,11 +233,11 @@ class ParkingLot:
                     PARKED.labels(key).set(counts.get(key, 0))
                 self._counted = set(counts)
         sendable = [key for key in parked if board.admit(key, None) is Admission.SEND]
+        topics: set[str] = set()  # released in this tick: their older rows wait for the next
         released = 0
         for _ in range(_MAX_BATCHES_PER_TICK):
-            batch = await self._release(
-                _TAKE_RELEASABLE, {"keys": sendable, "limit": _RELEASE_BATCH}, publish, None
-            )
+            params = {"keys": sendable, "limit": _RELEASE_BATCH, "released_topics": list(topics)}
+            batch = await self._release(_TAKE_RELEASABLE, params, publish, None, topics)
             released += batch
             if batch < _RELEASE_BATCH:
                 break
@@ -230,8 +245,9 @@ class ParkingLot:
             if board.admit(key, None) is not Admission.PROBE:
                 continue
             token = await board.take_probe(key)
+            params = {"key": key, "released_topics": list(topics)}
             if token is not None and not await self._release(
-                _TAKE_PROBE, {"key": key}, publish, token
+                _TAKE_PROBE, params, publish, token, topics
             ):
                 await board.abandon_probe(key, token)  # its rows were taken meanwhile
         if released:
@@ -240,14 +256,21 @@ class ParkingLot:
         return released
 
     async def _release(
-        self, take: Any, params: dict[str, Any], publish: Publish, probe: uuid.UUID | None
+        self,
+        take: Any,
+        params: dict[str, Any],
+        publish: Publish,
+        probe: uuid.UUID | None,
+        topics: set[str],
     ) -> int:
+        """Publish and delete the rows ``take`` locks; their topics are added to ``topics``."""
         async with self._transactions.begin() as conn:
             rows = (await conn.execute(take, params)).all()
             if not rows:
                 return 0
             await asyncio.gather(*(publish(self._message(row, probe)) for row in rows))
             await conn.execute(_DELETE, {"ids": [row.id for row in rows]})
+        topics.update(row.topic_key for row in rows if row.topic_key is not None)
         return len(rows)
 
     def _message(self, row: Any, probe: uuid.UUID | None) -> aio_pika.Message:

@@ -302,6 +302,7 @@ class Pipeline:
         await self.parking.park(
             Parked(
                 partition=partition,
+                topic_key=message.topic_key,
                 idempotency_key=message.idempotency_key,
                 attempt=attempt,
                 message=delivery.republish(attempt, error, self.settings.max_priority),
@@ -365,7 +366,8 @@ class Pipeline:
         error = answer.describe()
         await self.store.record_failure(message, token, attempts, answer.status, error)
         delivery.check_channel()
-        if _failing_as_a_whole(health):
+        parked = _failing_as_a_whole(health)
+        if parked:
             # parked for its backoff, and released at once if the partition heals before
             await self._park(delivery, message, health.key, attempts, error, wait)
         else:
@@ -385,6 +387,7 @@ class Pipeline:
             attempt=attempts,
             outcome=Outcome.RETRY,
             delay=round(wait, 3),
+            via="parking" if parked else "delay",
             error=error,
         )
         return Outcome.RETRY

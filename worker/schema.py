@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
@@ -190,6 +190,9 @@ parked_messages = Table(
     Column("headers", LargeBinary, nullable=False),
     Column("content_type", Text),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
+    # a row is released only as its topic's newest parked price (older ones follow, to end
+    # superseded without a call); NULL for rows parked before revision 0006
+    Column("topic_key", Text),
     # released when due (its backoff is over) and its partition admits sends, or at once when
     # the partition heals; when expired, released whatever the partition, to end `expired`
     Column("due_at", DateTime(timezone=True), nullable=False),
@@ -197,6 +200,7 @@ parked_messages = Table(
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("parked_messages_partition_idx", "partition_key", "due_at"),
     Index("parked_messages_expires_at_idx", "expires_at"),
+    Index("parked_messages_topic_idx", "topic_key", "occurred_at"),
 )
 
 # The PostgreSQL advisory lock `worker migrate` holds while it migrates (migrations/env.py):

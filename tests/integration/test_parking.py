@@ -1,12 +1,15 @@
 """The parking lot on the real database: a key parked again while its earlier row is being
-released is kept, never merged away (the bench once lost such messages)."""
+released is kept, never merged away (the bench once lost such messages); a topic's newest
+parked price is released before its older ones."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
+import pytest
 from sqlalchemy import text
 
 from worker.breaker import BreakerConfig
@@ -15,39 +18,83 @@ from worker.partitions import PartitionBoard
 from worker.persistence import create_engine
 
 
-def parked(key: str) -> Parked:
+def parked(
+    key: str, topic: str = "T1|email|b", attempt: int = 1, age: timedelta = timedelta(0)
+) -> Parked:
     now = datetime.now(UTC)
     return Parked(
         partition="email|b",
+        topic_key=topic,
         idempotency_key=key,
-        attempt=1,
-        message=aio_pika.Message(b"{}", headers={"x-attempt": 1}, content_type="application/json"),
-        occurred_at=now,
+        attempt=attempt,
+        message=aio_pika.Message(b"{}", headers={"key": key}, content_type="application/json"),
+        occurred_at=now - age,
         due_at=now,
         expires_at=now + timedelta(hours=1),
     )
 
 
-async def test_a_key_parked_again_during_its_release_is_kept(database_url: str) -> None:
+@pytest.fixture
+async def lot(database_url: str) -> AsyncIterator[ParkingLot]:
     engine = create_engine(database_url.replace("postgresql://", "postgresql+asyncpg://"), 4)
     lot = ParkingLot(
         engine, PartitionBoard(engine, ("channel", "audience"), BreakerConfig(), 25), 10
     )
     try:
-        await lot.park(parked("k"))
-        releasing = engine.execution_options(isolation_level="READ COMMITTED")
-        async with releasing.begin() as conn:  # a release: rows locked, then deleted
-            await conn.execute(text("SELECT id FROM parked_messages FOR UPDATE"))
-            await conn.execute(text("DELETE FROM parked_messages"))
-            again = asyncio.create_task(lot.park(parked("k")))  # its copy, parked again
-            await asyncio.sleep(0.3)
-        await again
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT idempotency_key FROM parked_messages"))).all()
-        assert [row.idempotency_key for row in rows] == ["k"]
+        yield lot
     finally:
         await lot.close()
         await engine.dispose()
+
+
+async def test_a_key_parked_again_during_its_release_is_kept(lot: ParkingLot) -> None:
+    engine = lot._engine
+    await lot.park(parked("k"))
+    releasing = engine.execution_options(isolation_level="READ COMMITTED")
+    async with releasing.begin() as conn:  # a release: rows locked, then deleted
+        await conn.execute(text("SELECT id FROM parked_messages FOR UPDATE"))
+        await conn.execute(text("DELETE FROM parked_messages"))
+        again = asyncio.create_task(lot.park(parked("k")))  # its copy, parked again
+        await asyncio.sleep(0.3)
+    await again
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT idempotency_key FROM parked_messages"))).all()
+    assert [row.idempotency_key for row in rows] == ["k"]
+
+
+async def test_a_topic_releases_its_newest_price_first_and_the_older_ones_once_it_is_sent(
+    lot: ParkingLot,
+) -> None:
+    """Released together, an older price (fewer attempts, so a higher priority) would be sent
+    first and the newest after it: the newest goes alone, the older ones once it is sent."""
+    await asyncio.gather(
+        lot.park(parked("oldest", attempt=0, age=timedelta(seconds=4))),
+        lot.park(parked("older", attempt=0, age=timedelta(seconds=2))),
+        lot.park(parked("newest", attempt=1, age=timedelta(seconds=1))),
+        lot.park(parked("old", attempt=0, age=timedelta(seconds=3))),
+        lot.park(parked("other topic", topic="T2|email|b", attempt=3)),
+    )
+    published: list[aio_pika.Message] = []
+
+    async def publish(message: aio_pika.Message) -> None:
+        published.append(message)
+
+    async def tick() -> list[str]:
+        await lot.tick(publish)
+        keys = sorted(str(m.headers["key"]) for m in published)
+        published.clear()
+        return keys
+
+    assert await tick() == ["newest", "other topic"]
+    async with lot._engine.begin() as conn:  # the newest is sent
+        await conn.execute(
+            text(
+                "INSERT INTO topic_watermarks (topic_key, occurred_at) "
+                "VALUES ('T1|email|b', now() - interval '1 second')"
+            )
+        )
+    # no newer than what was sent: all together, to end superseded
+    assert await tick() == ["old", "older", "oldest"]
 
 
 def test_headers_come_back_as_they_were() -> None:
