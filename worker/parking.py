@@ -13,10 +13,10 @@ twice), publish them publisher-confirmed to the work queue and delete them:
 - the due rows of every partition that admits sends again (a healed partition has made all its
   rows due: :func:`worker.partitions.transition`), at their attempt's priority, so fresh
   messages still go first and fewer attempts before more, and the scheduler takes no more than
-  its slots: no thundering herd. A row is released only as its topic's newest parked price,
-  and a topic once per tick: its older rows follow once the newest is sent, and end
-  superseded without a call (released together, the older one, at a higher priority for
-  fewer attempts, would be sent first and the newest a whole backlog later);
+  its slots: no thundering herd. A row is released only as its topic's newest parked price;
+  its older rows then wait until that one is sent (and all go, to end superseded without a
+  call) or at most ``_HOLD_OLDER_SECONDS``: released together, an older one, at a higher
+  priority for fewer attempts, would be sent first and the newest a whole backlog later;
 - every expired row, whatever its partition, so that it ends as a dead letter ``expired``
   within ``REFRESH_SECONDS`` of its due time (a superseded one ends ``superseded`` when
   released);
@@ -74,16 +74,27 @@ _PARK = """
                          CAST($7 AS timestamptz[]), CAST($8 AS timestamptz[]),
                          CAST($9 AS timestamptz[]), CAST($10 AS text[]))
 """
-# Of a topic not released yet in this tick, its newest parked row, or one no newer than its
-# topic's newest sent price (it ends superseded; a row of an older revision has no topic: on
-# its own). Expired rows go whatever their partition or topic.
-_NEWEST_OF_ITS_TOPIC = """
-    COALESCE(p.topic_key <> ALL(:released_topics), true)
-    AND (NOT EXISTS (SELECT 1 FROM parked_messages AS newer
-                     WHERE newer.topic_key = p.topic_key AND newer.occurred_at > p.occurred_at)
-         OR p.occurred_at <= (SELECT t.occurred_at FROM topic_watermarks AS t
-                              WHERE t.topic_key = p.topic_key))
-"""
+# A topic's rows go one at a time, newest first: not one of a topic released in this tick
+# (a row of an older revision has no topic: on its own) ...
+_NOT_RELEASED_YET = "COALESCE(p.topic_key <> ALL(:released_topics), true)"
+_NEWEST_PARKED = """NOT EXISTS (
+    SELECT 1 FROM parked_messages AS newer
+    WHERE newer.topic_key = p.topic_key AND newer.occurred_at > p.occurred_at)"""
+# ... except that all rows no newer than the topic's newest sent price go at once: they end
+# superseded without a call
+_SUPERSEDED = """p.occurred_at <= (
+    SELECT t.occurred_at FROM topic_watermarks AS t WHERE t.topic_key = p.topic_key)"""
+# Once a topic's newest row is released, its older rows wait until that one is sent, or at most
+# this long (it may end otherwise): released at once, an older one with fewer attempts would
+# be served first at its higher priority, even by another replica, and the newest after it.
+_HOLD_OLDER_SECONDS = 5.0
+_HOLD_OLDER = text(
+    """
+    UPDATE parked_messages SET due_at = GREATEST(due_at, now() + make_interval(secs => :hold))
+    WHERE id IN (SELECT id FROM parked_messages WHERE topic_key = ANY(:topics)
+                 FOR UPDATE SKIP LOCKED)
+    """
+)
 # The distinct partitions with parked rows, by a walk of the index (one probe per partition).
 _PARKED_PARTITIONS = text(
     """
@@ -101,7 +112,8 @@ _PARKED_PARTITIONS = text(
 _TAKE_RELEASABLE = text(
     f"""
     SELECT id, attempt, body, headers, content_type, topic_key FROM parked_messages AS p
-    WHERE (p.partition_key = ANY(:keys) AND p.due_at <= now() AND {_NEWEST_OF_ITS_TOPIC})
+    WHERE (p.partition_key = ANY(:keys) AND {_NOT_RELEASED_YET}
+           AND ((p.due_at <= now() AND {_NEWEST_PARKED}) OR {_SUPERSEDED}))
        OR p.expires_at <= now()
     ORDER BY attempt, occurred_at DESC
     LIMIT :limit FOR UPDATE SKIP LOCKED
@@ -111,7 +123,7 @@ _TAKE_RELEASABLE = text(
 _TAKE_PROBE = text(
     f"""
     SELECT id, attempt, body, headers, content_type, topic_key FROM parked_messages AS p
-    WHERE p.partition_key = :key AND {_NEWEST_OF_ITS_TOPIC}
+    WHERE p.partition_key = :key AND {_NOT_RELEASED_YET} AND {_NEWEST_PARKED}
     ORDER BY attempt, occurred_at DESC
     LIMIT 1 FOR UPDATE SKIP LOCKED
     """
@@ -270,7 +282,11 @@ class ParkingLot:
                 return 0
             await asyncio.gather(*(publish(self._message(row, probe)) for row in rows))
             await conn.execute(_DELETE, {"ids": [row.id for row in rows]})
-        topics.update(row.topic_key for row in rows if row.topic_key is not None)
+            released = {row.topic_key for row in rows if row.topic_key is not None}
+            if released:
+                hold = {"topics": list(released), "hold": _HOLD_OLDER_SECONDS}
+                await conn.execute(_HOLD_OLDER, hold)
+        topics.update(released)
         return len(rows)
 
     def _message(self, row: Any, probe: uuid.UUID | None) -> aio_pika.Message:

@@ -86,6 +86,7 @@ async def test_a_topic_releases_its_newest_price_first_and_the_older_ones_once_i
         return keys
 
     assert await tick() == ["newest", "other topic"]
+    assert await tick() == []  # held while the newest is on its way
     async with lot._engine.begin() as conn:  # the newest is sent
         await conn.execute(
             text(
