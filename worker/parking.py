@@ -74,9 +74,8 @@ _PARK = """
                          CAST($7 AS timestamptz[]), CAST($8 AS timestamptz[]),
                          CAST($9 AS timestamptz[]), CAST($10 AS text[]))
 """
-# A topic's rows go one at a time, newest first: not one of a topic released in this tick
-# (a row of an older revision has no topic: on its own) ...
-_NOT_RELEASED_YET = "COALESCE(p.topic_key <> ALL(:released_topics), true)"
+# A topic's rows go one at a time, newest first (a row of an older revision has no topic: on
+# its own) ...
 _NEWEST_PARKED = """NOT EXISTS (
     SELECT 1 FROM parked_messages AS newer
     WHERE newer.topic_key = p.topic_key AND newer.occurred_at > p.occurred_at)"""
@@ -112,7 +111,7 @@ _PARKED_PARTITIONS = text(
 _TAKE_RELEASABLE = text(
     f"""
     SELECT id, attempt, body, headers, content_type, topic_key FROM parked_messages AS p
-    WHERE (p.partition_key = ANY(:keys) AND {_NOT_RELEASED_YET}
+    WHERE (p.partition_key = ANY(:keys)
            AND ((p.due_at <= now() AND {_NEWEST_PARKED}) OR {_SUPERSEDED}))
        OR p.expires_at <= now()
     ORDER BY attempt, occurred_at DESC
@@ -123,7 +122,7 @@ _TAKE_RELEASABLE = text(
 _TAKE_PROBE = text(
     f"""
     SELECT id, attempt, body, headers, content_type, topic_key FROM parked_messages AS p
-    WHERE p.partition_key = :key AND {_NOT_RELEASED_YET} AND {_NEWEST_PARKED}
+    WHERE p.partition_key = :key AND {_NEWEST_PARKED}
     ORDER BY attempt, occurred_at DESC
     LIMIT 1 FOR UPDATE SKIP LOCKED
     """
@@ -245,11 +244,11 @@ class ParkingLot:
                     PARKED.labels(key).set(counts.get(key, 0))
                 self._counted = set(counts)
         sendable = [key for key in parked if board.admit(key, None) is Admission.SEND]
-        topics: set[str] = set()  # released in this tick: their older rows wait for the next
         released = 0
         for _ in range(_MAX_BATCHES_PER_TICK):
-            params = {"keys": sendable, "limit": _RELEASE_BATCH, "released_topics": list(topics)}
-            batch = await self._release(_TAKE_RELEASABLE, params, publish, None, topics)
+            batch = await self._release(
+                _TAKE_RELEASABLE, {"keys": sendable, "limit": _RELEASE_BATCH}, publish, None
+            )
             released += batch
             if batch < _RELEASE_BATCH:
                 break
@@ -257,9 +256,8 @@ class ParkingLot:
             if board.admit(key, None) is not Admission.PROBE:
                 continue
             token = await board.take_probe(key)
-            params = {"key": key, "released_topics": list(topics)}
             if token is not None and not await self._release(
-                _TAKE_PROBE, params, publish, token, topics
+                _TAKE_PROBE, {"key": key}, publish, token
             ):
                 await board.abandon_probe(key, token)  # its rows were taken meanwhile
         if released:
@@ -268,25 +266,18 @@ class ParkingLot:
         return released
 
     async def _release(
-        self,
-        take: Any,
-        params: dict[str, Any],
-        publish: Publish,
-        probe: uuid.UUID | None,
-        topics: set[str],
+        self, take: Any, params: dict[str, Any], publish: Publish, probe: uuid.UUID | None
     ) -> int:
-        """Publish and delete the rows ``take`` locks; their topics are added to ``topics``."""
+        """Publish and delete the rows ``take`` locks; hold back their topics' older rows."""
         async with self._transactions.begin() as conn:
             rows = (await conn.execute(take, params)).all()
             if not rows:
                 return 0
             await asyncio.gather(*(publish(self._message(row, probe)) for row in rows))
             await conn.execute(_DELETE, {"ids": [row.id for row in rows]})
-            released = {row.topic_key for row in rows if row.topic_key is not None}
-            if released:
-                hold = {"topics": list(released), "hold": _HOLD_OLDER_SECONDS}
-                await conn.execute(_HOLD_OLDER, hold)
-        topics.update(released)
+            topics = list({row.topic_key for row in rows if row.topic_key is not None})
+            if topics:
+                await conn.execute(_HOLD_OLDER, {"topics": topics, "hold": _HOLD_OLDER_SECONDS})
         return len(rows)
 
     def _message(self, row: Any, probe: uuid.UUID | None) -> aio_pika.Message:
