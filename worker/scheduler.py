@@ -12,7 +12,9 @@ Quorum mode has no priority queue: the work queue's priorities are a list of que
 attempt, and a spare slot takes the head of the first non-empty one, fewest attempts first
 (classic mode: a list of one). With nothing anywhere the look-ups back off, up to one round
 of the list per ``POLL_SECONDS`` per queue, so an idle replica asks the broker no more often
-than with the one classic queue.
+than with the one classic queue. While look-ups find retries, up to ``FETCHES_AT_ONCE`` run at
+once, each for a slot of its own: one at a time, a look-up's round trip capped a replica's
+retries at a few hundred a second (a healed partition's released backlog waited on it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ log = structlog.get_logger("worker.scheduler")
 POLL_SECONDS = 0.05
 # After the broker failed a fetch (e.g. while reconnecting), try again after this pause.
 _FETCH_ERROR_PAUSE_SECONDS = 1.0
+# Look-ups in flight at once while they find retries (with nothing found: one).
+FETCHES_AT_ONCE = 4
 
 Start = Callable[[AbstractIncomingMessage], None]
 
@@ -50,6 +54,8 @@ class Scheduler:
         self._fresh: deque[AbstractIncomingMessage] = deque()
         self._arrived = asyncio.Event()
         self._closed = False
+        self._found = False  # the last look-up found a retry: the next may run beside others
+        self._fetches: set[asyncio.Task[None]] = set()  # look-ups ahead, a slot each
 
     async def offer(self, incoming: AbstractIncomingMessage) -> None:
         """The ingress consumer's callback: a fresh message waits here for a slot."""
@@ -73,15 +79,28 @@ class Scheduler:
         self._free.release()  # wakes a run() waiting for a slot
 
     async def run(self) -> None:
-        """Hand out slots until closed."""
-        while True:
-            await self._free.acquire()
-            incoming = None if self._closed else await self._next()
-            if incoming is None:
-                return
-            if self._closed:  # fetched as it closed: back with the waiting ones
-                self._fresh.appendleft(incoming)
-                return
+        """Hand out slots until closed (and the look-ups ahead are back)."""
+        try:
+            while True:
+                await self._free.acquire()
+                ahead = self._found and not (self._fresh or self._closed)
+                if ahead and len(self._fetches) < FETCHES_AT_ONCE - 1:
+                    fetch = asyncio.create_task(self._fetch_ahead())
+                    self._fetches.add(fetch)
+                    fetch.add_done_callback(self._fetched)
+                    continue
+                incoming = None if self._closed else await self._next()
+                if incoming is None:
+                    return
+                self._hand_out(incoming)
+        finally:
+            if self._fetches:
+                await asyncio.wait(set(self._fetches))
+
+    def _hand_out(self, incoming: AbstractIncomingMessage) -> None:
+        if self._closed:  # fetched as it closed: back with the waiting ones
+            self._fresh.appendleft(incoming)
+        else:
             self._start(incoming)
 
     async def _next(self) -> AbstractIncomingMessage | None:
@@ -90,13 +109,41 @@ class Scheduler:
             if self._fresh:
                 return self._fresh.popleft()
             self._arrived.clear()
-            for queue in self._retries:
-                retry = await self._fetch_retry(queue)
-                if retry is not None:
-                    return retry
+            retry = await self._look_up()
+            if retry is not None:
+                return retry
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), poll)
             poll = min(poll * 2, self._max_poll)
+        return None
+
+    async def _fetch_ahead(self) -> None:
+        """A look-up for the slot taken, beside others: start what it finds, else give the
+        slot back (to a fresh message, or to the one look-up that polls)."""
+        retry = None
+        try:
+            retry = await self._look_up()
+        finally:
+            if retry is None:
+                self._free.release()
+        if retry is not None:
+            self._hand_out(retry)
+
+    def _fetched(self, fetch: asyncio.Task[None]) -> None:
+        # a broker error is handled in _fetch_retry; anything else is a bug, said so here
+        # (its slot is back already) instead of a task exception nobody retrieves
+        self._fetches.discard(fetch)
+        if not fetch.cancelled() and (exc := fetch.exception()) is not None:
+            log.error("retry_fetch_crashed", error=describe_error(exc))
+
+    async def _look_up(self) -> AbstractIncomingMessage | None:
+        """The head of the first non-empty work queue, fewest attempts first."""
+        for queue in self._retries:
+            retry = await self._fetch_retry(queue)
+            if retry is not None:
+                self._found = True
+                return retry
+        self._found = False
         return None
 
     async def _fetch_retry(self, queue: AbstractQueue) -> AbstractIncomingMessage | None:

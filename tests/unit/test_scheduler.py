@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from worker.scheduler import Scheduler
+from worker.scheduler import FETCHES_AT_ONCE, Scheduler
 
 
 class FakeRetries:
@@ -143,3 +143,42 @@ async def test_idle_look_ups_back_off_to_one_round_per_poll_per_queue() -> None:
     # classic polls one queue every 50 ms (40 gets in 2 s); five queues back off to 250 ms
     assert all(q.gets == rounds for q in queues)
     assert rounds * len(queues) <= 2.0 / 0.05 + len(queues) * 3
+
+
+class SlowRetries(FakeRetries):
+    """Each look-up takes a round trip; how many were in flight at once, at most."""
+
+    def __init__(self, *messages: str) -> None:
+        super().__init__(*messages)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def get(self, *, no_ack: bool, fail: bool) -> str | None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.005)
+        self.in_flight -= 1
+        return await super().get(no_ack=no_ack, fail=fail)
+
+
+async def test_look_ups_run_side_by_side_while_they_find_retries_and_one_at_a_time_idle() -> None:
+    names = [f"retry-{n}" for n in range(40)]
+    backlog = SlowRetries(*names)
+    started: list[str] = []
+    scheduler = Scheduler(
+        16, [cast(AbstractQueue, backlog)], lambda m: started.append(cast(Any, m))
+    )
+    task = asyncio.create_task(scheduler.run())
+    done = 0
+    while len(started) < len(names):  # each retry handed out is done at once, its slot back
+        await asyncio.sleep(0.001)
+        for _ in range(len(started) - done):
+            scheduler.release()
+        done = len(started)
+    assert sorted(started) == sorted(names)  # each once
+    assert backlog.most_in_flight == FETCHES_AT_ONCE  # side by side, never more
+    backlog.most_in_flight = 0
+    await asyncio.sleep(0.3)  # nothing left: the look-ups poll
+    assert backlog.most_in_flight == 1
+    scheduler.close()
+    await asyncio.wait_for(task, timeout=1)
