@@ -71,6 +71,7 @@ class Node:
             "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.base / "log"),
             "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
             "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.base / "plugins-expand"),
             "RABBITMQ_PID_FILE": str(self.base / "pid"),
@@ -129,6 +130,11 @@ class LocalCluster:
                 # a 3-node cluster on one small machine: never block publishers for memory
                 "vm_memory_high_watermark.relative = 0.8\n"
                 "disk_free_limit.absolute = 50MB\n"
+            )
+            # as rabbitmq/cluster-advanced.config: a dead-lettered hop whose confirm was lost
+            # with a killed node is sent again after 10 s, not the default 180 s
+            (base / "advanced.config").write_text(
+                "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 10000}]}].\n"
             )
             (base / "enabled_plugins").write_text("[].\n")
             self.nodes.append(node)

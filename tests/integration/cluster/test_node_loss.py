@@ -60,9 +60,17 @@ async def finish(fleet: Fleet, timeout: float) -> None:
             "SELECT idempotency_key, attempts, last_error FROM deliveries WHERE status = 'pending'"
         )
         parked = await fleet.rows("SELECT count(*) AS n FROM parked_messages")
+        keys = {r.idempotency_key for r in pending[:5]}
+        seen = [
+            f"{replica.number}: {line}"
+            for replica in fleet.replicas
+            for line in replica.log_path.read_text(errors="replace").splitlines()
+            if any(key in line for key in keys)
+        ]
         raise AssertionError(
             f"unfinished: {len(pending)} pending {[tuple(r) for r in pending[:5]]}; "
-            f"queues { ({q: n for q, n in where.items() if n}) }; parked {parked[0].n}"
+            f"queues { ({q: n for q, n in where.items() if n}) }; parked {parked[0].n}; "
+            f"their replicas' events: {seen[-10:]}"
         ) from None
 
 
@@ -168,7 +176,8 @@ async def test_a_message_in_a_delay_level_survives_its_leader_killed(
 ) -> None:
     fleet = cluster_fleet
     fleet.provider.set_rules([Rule(audience="d", status=503, times=1)])
-    await fleet.start(1, WORKER_BACKOFF_BASE_SECONDS="8")  # 8 s: delay level 3 alone
+    # 8 s: delay level 3 alone (no breaker: its first hop would stop at 5 maximal breaks)
+    await fleet.start(1, WORKER_BACKOFF_BASE_SECONDS="8", WORKER_BREAKER_FAILURES="0")
     await fleet.publish(batch(1, "DL", audience="d"))
     level = fleet.names.delay_level(3)
 
