@@ -55,7 +55,7 @@ class Admission(StrEnum):
 class BreakerConfig:
     failures: int = 5
     break_seconds: float = 0.5
-    max_break_seconds: float = 2.0
+    max_break_seconds: float = 1.0
     fresh_probe_seconds: float = 0.2
     # the longest a Retry-After throttles a partition (the worker: WORKER_BACKOFF_MAX_SECONDS,
     # the cap of the message's own wait)
@@ -260,6 +260,17 @@ def hold(health: PartitionHealth, now: datetime) -> PartitionHealth:
         probe_token=None,
         probe_until=None,
     )
+
+
+def next_probe_due(states: Iterable[PartitionHealth], now: datetime) -> datetime | None:
+    """The earliest moment after ``now`` a partition may be probed again: its break over, or
+    its probe's lease run out. A partition held by an operator is not probed."""
+    due = (
+        health.open_until if health.state is State.OPEN else health.probe_until
+        for health in states
+        if not health.held and health.state is not State.CLOSED
+    )
+    return min((moment for moment in due if moment is not None and moment > now), default=None)
 
 
 def provider_outage(

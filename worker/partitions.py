@@ -244,6 +244,13 @@ class PartitionBoard:
         )
         return breaker.admit(health, now, probe_token, elsewhere, spacing)
 
+    def seconds_to_next_probe(self, keys: Iterable[str]) -> float | None:
+        """How long until one of these partitions may be probed again (None: none is open)."""
+        now = datetime.now(UTC)
+        states = (health for key in keys if (health := self._states.get(key)) is not None)
+        due = breaker.next_probe_due(states, now)
+        return None if due is None else (due - now).total_seconds()
+
     def _fresh_spacing(self, first_attempt: bool) -> float:
         """How soon a message may probe before the break is over: first attempts only."""
         return self.config.fresh_probe_seconds if first_attempt else 0.0

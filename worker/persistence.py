@@ -191,17 +191,16 @@ _RECORD_FAILURES = f"""
     WHERE topic_key = i.topic AND lease_token = i.token
 """
 
-_MARK_SUPERSEDED = text(
-    """
-    UPDATE deliveries
-    SET status = 'superseded', updated_at = now(),
-        -- an earlier attempt that got no answer may have reached the provider: say so
-        last_error = CASE WHEN attempts > 0 AND provider_status IS NULL
+# A pending delivery ending superseded; an earlier attempt that got no answer may have reached
+# the provider: say so (also worker.parking's superseded rows)
+SUPERSEDE = """status = 'superseded', updated_at = now(),
+        last_error = CASE WHEN deliveries.attempts > 0 AND deliveries.provider_status IS NULL
                           THEN 'superseded; an earlier attempt got no answer and may have '
-                               || 'been delivered (' || coalesce(last_error, '') || ')'
-                          ELSE last_error END
-    WHERE idempotency_key = :key AND status = 'pending'
-    """
+                               || 'been delivered (' || coalesce(deliveries.last_error, '')
+                               || ')'
+                          ELSE deliveries.last_error END"""
+_MARK_SUPERSEDED = text(
+    f"UPDATE deliveries SET {SUPERSEDE} WHERE idempotency_key = :key AND status = 'pending'"
 )
 
 _DEAD_LETTER_COLUMNS = """

@@ -309,6 +309,8 @@ class Pipeline:
                 occurred_at=message.occurred_at,
                 due_at=now + timedelta(seconds=wait_seconds),
                 expires_at=expires,
+                payload_json=message.stored_payload_json,
+                first_seen_at=delivery.first_seen_at,
             )
         )
 

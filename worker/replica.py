@@ -27,7 +27,7 @@ from worker.breaker import BreakerConfig
 from worker.broker import connect_cluster, node_of
 from worker.db_errors import DbErrorKind
 from worker.delay import declare_delay_backend
-from worker.envelope import channel_closed, read_attempt
+from worker.envelope import channel_closed
 from worker.errors import describe_error
 from worker.health import HealthServer
 from worker.metrics import DELAY_BACKEND, DELIVERY_LIMIT_REACHED, IN_FLIGHT, RETURNED
@@ -242,9 +242,8 @@ class Replica:
         )
         pipeline = Pipeline(settings, self._store, provider, delay, self._board, self._parking)
 
-        async def release(message: aio_pika.Message) -> None:
-            # to the work queue of its attempt (classic mode: the one work queue)
-            destination = topology.queue_for(read_attempt(message.headers))
+        async def release(message: aio_pika.Message, attempt: int) -> None:
+            destination = topology.queue_for(attempt)
             await channel.default_exchange.publish(message, routing_key=destination, mandatory=True)
 
         releaser = asyncio.create_task(self._parking.run(release, stop))

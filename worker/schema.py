@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
@@ -193,6 +193,10 @@ parked_messages = Table(
     # a row is released only as its topic's newest parked price (older ones follow, to end
     # superseded without a call); NULL for rows parked before revision 0006
     Column("topic_key", Text),
+    # the deliveries row's payload and first sighting, so that a row older than its topic's
+    # newest sent price ends superseded in SQL at its release; NULL before revision 0007
+    Column("payload", JSONB),
+    Column("first_seen_at", DateTime(timezone=True)),
     # released when due (its backoff is over) and its partition admits sends, or at once when
     # the partition heals; when expired, released whatever the partition, to end `expired`
     Column("due_at", DateTime(timezone=True), nullable=False),

@@ -207,7 +207,7 @@ class Settings(BaseSettings):
         "trip in a row, jittered; also the fleet's probe spacing in a provider-wide outage",
     )
     breaker_max_break_seconds: float = Field(
-        2.0,
+        1.0,
         gt=0,
         le=86400,
         description="Cap of a partition's break: how late, at most, a healed partition is noticed",

@@ -1,10 +1,11 @@
 """The parking lot on the real database: a key parked again while its earlier row is being
 released is kept, never merged away (the bench once lost such messages); a topic's newest
-parked price is released before its older ones."""
+parked price is released before its older ones, which then end superseded in SQL."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -31,6 +32,8 @@ def parked(
         occurred_at=now - age,
         due_at=now,
         expires_at=now + timedelta(hours=1),
+        payload_json=f'{{"key": "{key}"}}',
+        first_seen_at=now - age,
     )
 
 
@@ -74,19 +77,22 @@ async def test_a_topic_releases_its_newest_price_first_and_the_older_ones_once_i
         lot.park(parked("old", attempt=0, age=timedelta(seconds=3))),
         lot.park(parked("other topic", topic="T2|email|b", attempt=3)),
     )
-    published: list[aio_pika.Message] = []
+    published: list[tuple[aio_pika.Message, int]] = []
 
-    async def publish(message: aio_pika.Message) -> None:
-        published.append(message)
+    async def publish(message: aio_pika.Message, attempt: int) -> None:
+        published.append((message, attempt))
 
-    async def tick() -> list[str]:
+    async def tick() -> list[tuple[str, int | None, bool]]:
+        """The keys released, each with its priority and whether it goes to the last queue."""
         await lot.tick(publish)
-        keys = sorted(str(m.headers["key"]) for m in published)
+        keys = sorted((str(m.headers["key"]), m.priority, a > 100) for m, a in published)
         published.clear()
         return keys
 
-    assert await tick() == ["newest", "other topic"]
+    # at their attempts' priorities (10 - attempts) and work queues
+    assert await tick() == [("newest", 9, False), ("other topic", 7, False)]
     assert await tick() == []  # held while the newest is on its way
+    await lot.park(parked("newer than sent", attempt=2, age=timedelta(seconds=0.5)))
     async with lot._engine.begin() as conn:  # the newest is sent
         await conn.execute(
             text(
@@ -94,8 +100,53 @@ async def test_a_topic_releases_its_newest_price_first_and_the_older_ones_once_i
                 "VALUES ('T1|email|b', now() - interval '1 second')"
             )
         )
-    # no newer than what was sent: all together, to end superseded
-    assert await tick() == ["old", "older", "oldest"]
+    async with lot._engine.begin() as conn:
+        # "old" was tried before it was parked; "older" was sent meanwhile (a copy's send)
+        await conn.execute(
+            text(
+                "INSERT INTO deliveries (idempotency_key, topic_key, status, attempts,"
+                " first_seen_at, occurred_at, payload, last_error) VALUES"
+                " ('old', 'T1|email|b', 'pending', 1, now(), now(), '{}', 'timeout'),"
+                " ('older', 'T1|email|b', 'sent', 1, now(), now(), '{}', NULL)"
+            )
+        )
+        # parked by a revision before 0007: no payload to write a deliveries row from
+        await conn.execute(
+            text(
+                "INSERT INTO parked_messages (partition_key, idempotency_key, attempt, body,"
+                " headers, occurred_at, due_at, expires_at, topic_key) VALUES"
+                " ('email|b', 'of 0006', 0, '{}', :headers, now() - interval '5 s', now(),"
+                " now() + interval '1 hour', 'T1|email|b')"
+            ),
+            {"headers": encode_headers({"key": "of 0006"})},
+        )
+    # older than what was sent and expired as well: to end `expired` in a replica
+    expired = parked("expired", attempt=0, age=timedelta(seconds=6))
+    await lot.park(dataclasses.replace(expired, expires_at=datetime.now(UTC)))
+    # older than what was sent: ended superseded here, without a publish; one parked without
+    # a payload (or expired) goes to end in a replica, after anything that may be sent (the
+    # lowest priority, the last work queue); a newer one as ever
+    assert await tick() == [
+        ("expired", 0, True),
+        ("newer than sent", 8, False),
+        ("of 0006", 0, True),
+    ]
+    async with lot._engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT idempotency_key, status, attempts, payload, last_error FROM deliveries"
+                " ORDER BY 1"
+            )
+        )
+        ended = {row.idempotency_key: tuple(row)[1:] for row in rows}
+        left = (await conn.execute(text("SELECT count(*) FROM parked_messages"))).scalar()
+    assert ended == {
+        "old": ("superseded", 1, {}, "superseded; an earlier attempt got no answer and may"
+                " have been delivered (timeout)"),
+        "older": ("sent", 1, {}, None),  # left as it was
+        "oldest": ("superseded", 0, {"key": "oldest"}, None),
+    }  # fmt: skip
+    assert left == 0
 
 
 def test_headers_come_back_as_they_were() -> None:

@@ -268,6 +268,21 @@ def test_provider_wide_outage_opens_on_one_failure_and_probes_one_at_a_time() ->
     assert not breaker.probing_elsewhere(states, "email|b", later + timedelta(seconds=1.1), CONFIG)
 
 
+def test_the_next_probe_is_due_at_the_first_break_or_lease_to_end() -> None:
+    opened = fail(PartitionHealth("email|b"), 3)
+    assert opened.open_until is not None
+    probing = probe_of(uuid.uuid4())
+    assert probing.probe_until is not None
+    held = breaker.hold(PartitionHealth("sms|c"), NOW)
+    healed = breaker.close(opened, NOW)
+    states = [probing, opened, held, healed]
+    assert breaker.next_probe_due(states, NOW) == opened.open_until
+    # a break already over is not waited for; then the probe's lease is next
+    assert breaker.next_probe_due(states, opened.open_until) == probing.probe_until
+    assert breaker.next_probe_due(states, probing.probe_until) is None
+    assert breaker.next_probe_due([held, healed], NOW) is None
+
+
 def test_partition_key_joins_the_chosen_fields() -> None:
     values = {"ticker": "AAPL", "channel": "email", "audience": "premium"}
     assert breaker.partition_key(("channel", "audience"), values) == "email|premium"
