@@ -75,6 +75,10 @@ PARKED = Gauge(
 RELEASED_MESSAGES = Counter(
     "notifications_released_total", "Parked messages released back to the work queue"
 )
+RECOVERED_RETRIES = Counter(
+    "notifications_retries_recovered_total",
+    "Retries republished from PostgreSQL: overdue, not brought back by the delay backend",
+)
 
 DELIVERY_LIMIT_REACHED = Counter(
     "notifications_delivery_limit_reached_total",

@@ -81,6 +81,16 @@ _PUBLISH_TIMEOUT_SECONDS = 10.0
 
 # A released row goes to the work queue of the attempt given with it (classic mode: the one).
 Publish = Callable[[aio_pika.Message, int], Awaitable[None]]
+# What a round of a replica's loop over stored messages (this release, worker.overdue's sweep)
+# meets in an outage of the database or the broker, and outlives to try again next round; the
+# channel while the connection is being restored raises a RuntimeError, not an AMQPError
+# (without it the releaser died at a broker's or node's loss).
+ROUND_ERRORS = (
+    SQLAlchemyError,
+    OSError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
 # A row released to end superseded that SQL cannot end (parked before revision 0007, or as
 # old as the newest sent price: the claim decides) goes after every message that may still be
 # sent, at the lowest priority and to the last work queue: at its own attempt's, a topic's
@@ -266,14 +276,7 @@ class ParkingLot:
             healed.clear()  # a heal from here on wakes the wait below
             try:
                 await self.tick(publish, count=tick % _COUNT_EVERY_TICKS == 0)
-            except (
-                SQLAlchemyError,
-                OSError,
-                aio_pika.exceptions.AMQPError,
-                # the channel while the connection is being restored (a RuntimeError, not an
-                # AMQPError): without it the releaser died at a broker's or node's loss
-                aio_pika.exceptions.ChannelInvalidStateError,
-            ) as exc:
+            except ROUND_ERRORS as exc:
                 # the replica's gate and reconnects deal with outages; try again next tick
                 log.warning("release_failed", error=describe_error(exc))
             tick += 1
@@ -360,16 +363,22 @@ class ParkingLot:
     def _message(self, row: Any, probe: uuid.UUID | None, priority: int) -> aio_pika.Message:
         headers = decode_headers(row.headers)
         headers.pop(PROBE, None)
-        for name in (NOT_BEFORE, SCHEDULED_AT):  # released: due now, whatever its backoff
-            headers.pop(name, None)
         headers[RELEASED] = True
         if probe is not None:
             headers[PROBE] = str(probe)
-        return aio_pika.Message(
-            body=row.body,
-            headers=headers,
-            content_type=row.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=uuid.uuid4().hex,
-            priority=priority,
-        )
+        return stored_message(row, headers, priority)
+
+
+def stored_message(row: Any, headers: dict[str, Any], priority: int) -> aio_pika.Message:
+    """A message kept in PostgreSQL (``row``: its body and content type) published again, due
+    now whatever is left of its backoff."""
+    for name in (NOT_BEFORE, SCHEDULED_AT):
+        headers.pop(name, None)
+    return aio_pika.Message(
+        body=row.body,
+        headers=headers,
+        content_type=row.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=uuid.uuid4().hex,
+        priority=priority,
+    )

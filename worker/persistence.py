@@ -171,13 +171,25 @@ _RELEASE = """
                        ELSE occurred_at END
 """
 
-# Count the failed attempts and release the leases they held (batched like the three above).
+# Count the failed attempts and release the leases they held (batched like the three above);
+# keep a copy of each retry sent to the delay backend in retry_watch (worker.overdue), the
+# latest of a key's retries if it has two in the batch.
 _RECORD_FAILURES = f"""
     WITH input AS (
         SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]), CAST($3 AS uuid[]),
                              CAST($4 AS int[]), CAST($5 AS int[]), CAST($6 AS text[]),
-                             CAST($7 AS bool[]))
-            AS i (key, topic, token, attempts, provider_status, last_error, maybe_delivered)
+                             CAST($7 AS bool[]), CAST($8 AS bytea[]), CAST($9 AS bytea[]),
+                             CAST($10 AS text[]), CAST($11 AS timestamptz[]))
+            AS i (key, topic, token, attempts, provider_status, last_error, maybe_delivered,
+                  body, headers, content_type, due_at)
+    ), watched AS (
+        INSERT INTO retry_watch (idempotency_key, attempt, body, headers, content_type, due_at)
+        SELECT DISTINCT ON (key) key, attempts, body, headers, content_type, due_at
+        FROM input WHERE due_at IS NOT NULL
+        ORDER BY key, attempts DESC
+        ON CONFLICT (idempotency_key) DO UPDATE
+        SET attempt = excluded.attempt, body = excluded.body, headers = excluded.headers,
+            content_type = excluded.content_type, due_at = excluded.due_at
     ), delivery AS (
         UPDATE deliveries AS d
         SET attempts = GREATEST(d.attempts, i.attempts), last_error = i.last_error,
@@ -320,12 +332,24 @@ class _Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryCopy:
+    """A retry as it was published to the delay backend (headers in their wire encoding), and
+    when it is due back: kept in ``retry_watch`` for :mod:`worker.overdue`."""
+
+    body: bytes
+    headers: bytes
+    content_type: str | None
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class _Failure:
     message: PriceChange
     token: uuid.UUID
     attempts: int
     provider_status: int | None
     last_error: str
+    copy: RetryCopy | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,14 +513,16 @@ class DeliveryStore:
         attempts: int,
         provider_status: int | None,
         last_error: str,
+        copy: RetryCopy | None = None,
     ) -> None:
-        """Count a failed attempt and release the lease so the retry can claim again.
+        """Count a failed attempt and release the lease so the retry can claim again; keep
+        ``copy``, the retry sent to the delay backend, until it is back.
 
         ``provider_status`` None (no answer) may mean the provider accepted it: the topic's
         watermark then rises to this message, so no older one is sent after it.
         """
         await self._record_failures.submit(
-            _Failure(message, token, attempts, provider_status, last_error)
+            _Failure(message, token, attempts, provider_status, last_error, copy)
         )
 
     async def _record_failures_batch(self, failures: Sequence[_Failure], lane: int) -> list[None]:
@@ -510,6 +536,7 @@ class DeliveryStore:
             [failures[i].provider_status for i in order],
             [failures[i].last_error for i in order],
             [failures[i].provider_status is None for i in order],
+            *_copies([failures[i].copy for i in order]),
         )
         return [None] * len(failures)
 
@@ -597,3 +624,13 @@ def _raw_params(raw: RawMessage) -> dict[str, Any]:
         "sanitised": ",".join(sanitised) or None,
         "delivery_hash": raw.delivery_hash(),
     }
+
+
+def _copies(copies: Sequence[RetryCopy | None]) -> tuple[list[Any], ...]:
+    """The retry copies' columns, NULL where a retry has none (parked, not delayed)."""
+    return (
+        [None if c is None else c.body for c in copies],
+        [None if c is None else c.headers for c in copies],
+        [None if c is None else c.content_type for c in copies],
+        [None if c is None else c.due_at for c in copies],
+    )

@@ -40,6 +40,7 @@ from worker.envelope import RELEASED, Delivery, read_not_before, read_probe
 from worker.errors import describe_error
 from worker.message import InvalidMessage, PriceChange, parse_message
 from worker.metrics import DEAD_LETTERS, DELIVERY_LATENCY, MESSAGES, RETRIES
+from worker.overdue import copy_of
 from worker.parking import Parked, ParkingLot
 from worker.partitions import PartitionBoard
 from worker.persistence import DeliveryStore
@@ -366,10 +367,10 @@ class Pipeline:
         )
         wait = retry_delay(backoff, answer.retry_after, settings.backoff_max_seconds)
         error = answer.describe()
-        await self.store.record_failure(message, token, attempts, answer.status, error)
-        delivery.check_channel()
         parked = _failing_as_a_whole(health)
         if parked:
+            await self.store.record_failure(message, token, attempts, answer.status, error)
+            delivery.check_channel()
             # parked for its backoff, and released at once if the partition heals before
             await self._park(delivery, message, health.key, attempts, error, wait)
         else:
@@ -378,10 +379,16 @@ class Pipeline:
             hop = wait
             if self.board.enabled:
                 hop = min(wait, settings.breaker_max_break_seconds * _HOP_BREAKS)
-            not_before = None if hop >= wait else datetime.now(UTC) + timedelta(seconds=wait)
-            await self.delay.publish(
-                delivery.republish(attempts, error, settings.max_priority, not_before), hop
+            due = datetime.now(UTC) + timedelta(seconds=wait)
+            retry = delivery.republish(
+                attempts, error, settings.max_priority, None if hop >= wait else due
             )
+            # its copy is kept until it is back, in the same statement (worker.overdue)
+            await self.store.record_failure(
+                message, token, attempts, answer.status, error, copy_of(retry, due)
+            )
+            delivery.check_channel()
+            await self.delay.publish(retry, hop)
         RETRIES.labels(str(attempts)).inc()
         log.info(
             "retry_scheduled",

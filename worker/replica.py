@@ -31,6 +31,7 @@ from worker.envelope import channel_closed
 from worker.errors import describe_error
 from worker.health import HealthServer
 from worker.metrics import DELAY_BACKEND, DELIVERY_LIMIT_REACHED, IN_FLIGHT, RETURNED
+from worker.overdue import OverdueRetries
 from worker.parking import ParkingLot
 from worker.partitions import PartitionBoard
 from worker.persistence import DeliveryStore, create_engine
@@ -66,8 +67,14 @@ _POOL_CAP = 10
 
 def pool_size(concurrency: int) -> int:
     """Database connections per replica: no more than its statements can use at once (the
-    batchers' own, the parking lot's and its release loop's, and the rest shared)."""
-    return min(concurrency, _POOL_CAP) + DeliveryStore.PINNED + ParkingLot.CONNECTIONS
+    batchers' own, the parking lot's and its release loop's, the overdue sweep's, and the rest
+    shared)."""
+    return (
+        min(concurrency, _POOL_CAP)
+        + DeliveryStore.PINNED
+        + ParkingLot.CONNECTIONS
+        + OverdueRetries.CONNECTIONS
+    )
 
 
 _Handler = Callable[[AbstractIncomingMessage], Awaitable[object]]
@@ -141,6 +148,9 @@ class Replica:
             settings.lease_seconds,
         )
         self._parking = ParkingLot(self._engine, self._board, settings.max_priority)
+        self._overdue = OverdueRetries(
+            self._engine, settings.max_priority, settings.retry_overdue_seconds
+        )
         self._gate = DatabaseGate(self._store.ping)
         self._connection: AbstractRobustConnection | None = None
         self._scheduler: Scheduler | None = None
@@ -259,6 +269,15 @@ class Replica:
             # what the broker dead-lettered at the delivery limit: served last, to its outcome
             retries.append(await retry_channel.get_queue(topology.names.limit))
         scheduler = Scheduler(settings.concurrency, retries, partial(self._start, pipeline.handle))
+
+        async def work_queues_empty() -> bool:
+            # a passive declare each: no retry anywhere waiting its turn
+            for queue in retries:
+                if (await queue.declare()).message_count:
+                    return False
+            return True
+
+        recoverer = asyncio.create_task(self._overdue.run(release, work_queues_empty, stop))
         self._scheduler = scheduler
         ingress_tag = await ingress.consume(self._offer)
         dispatcher = asyncio.create_task(scheduler.run())
@@ -304,6 +323,7 @@ class Replica:
         # the releaser ends its release in progress, published and committed; a broker outage
         # must not hold it up past the grace (an unfinished release is released again later)
         await within(releaser, step())
+        await within(recoverer, step())
 
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:

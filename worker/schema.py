@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 metadata = MetaData()
 
 # The Alembic revision this code expects; `worker run` refuses to start on any other.
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 DELIVERY_STATUSES = ("pending", "sent", "superseded", "dead")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "exhausted", "expired")
@@ -205,6 +205,22 @@ parked_messages = Table(
     Index("parked_messages_partition_idx", "partition_key", "due_at"),
     Index("parked_messages_expires_at_idx", "expires_at"),
     Index("parked_messages_topic_idx", "topic_key", "occurred_at"),
+)
+
+# Each retry sent to the delay backend, as it was published, until the broker brings it back
+# (one row per key: its latest retry). A row overdue by WORKER_RETRY_OVERDUE_SECONDS while the
+# work queues are empty and its key still pending is republished (worker.overdue); rows of
+# finished keys are deleted once overdue.
+retry_watch = Table(
+    "retry_watch",
+    metadata,
+    Column("idempotency_key", Text, primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("headers", LargeBinary, nullable=False),
+    Column("content_type", Text),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Index("retry_watch_due_at_idx", "due_at"),
 )
 
 # The PostgreSQL advisory lock `worker migrate` holds while it migrates (migrations/env.py):

@@ -221,6 +221,14 @@ class Settings(BaseSettings):
         "after a recovery; at most one call per this time per open partition (fleet-wide in a "
         "provider-wide outage); 0: first attempts wait for the break like the rest",
     )
+    retry_overdue_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="A retry sent to the delay backend and not back this long after its "
+        "backoff ended, its key still pending while the work queues are empty, is republished "
+        "from PostgreSQL (the broker stalled or lost its hop); at most once per this time",
+    )
     log_format: LogFormat = Field(LogFormat.AUTO, description="json, console, or auto (tty)")
     log_level: str = Field(
         "info",

@@ -9,18 +9,15 @@ checks the fault suite's invariants (:meth:`Fleet.verify`) and appends its figur
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import random
 import time
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
 from aio_pika.exceptions import AMQPError
 
-from worker.tooling.cluster import LocalCluster, ctl
+from worker.tooling.cluster import LocalCluster
 from worker.tooling.demo_provider import Rule
 
 from ..faults.conftest import Fleet, Published, batch, wait_until
@@ -52,25 +49,8 @@ async def depth(fleet: Fleet, queue: str) -> int:
     return int(declared.declaration_result.message_count or 0)
 
 
-# RabbitMQ 3.10.8 (Debian 12's, this machine's) at times never completes an at-least-once
-# dead-letter hop between quorum queues whose leaders are being elected again: the message stays
-# in its source level, dead-lettered and unconfirmed, past any timeout (its dead-letter worker
-# leaves the resend of a quorum target to the queue client, which lost the command with the
-# killed leader; upstream rabbitmq-server#7677 and #6521, backported to 3.10.x). Seen here in 2
-# of 7 runs of the leader kill: one retry, its hop due within a second of the kill.
-_STALLED_HOP_BROKERS = ("3.10.",)
-_STALLED_HOP_WINDOW_SECONDS = (-1.0, 10.0)
-
-
-async def finish(
-    fleet: Fleet, timeout: float, failover: tuple[LocalCluster, datetime] | None = None
-) -> None:
-    """Until every message is finished; on a timeout, say where the unfinished ones are.
-
-    ``failover`` (the cluster and when its node was killed): if the broker is one known to
-    stall a dead-letter hop across a failover and every unfinished message is a retry whose hop
-    was due then, the test is marked xfail with that diagnosis instead of failed.
-    """
+async def finish(fleet: Fleet, timeout: float) -> None:
+    """Until every message is finished; on a timeout, say where the unfinished ones are."""
     try:
         await fleet.wait_finished(timeout=timeout)
     except AssertionError:
@@ -87,44 +67,11 @@ async def finish(
             for line in replica.log_path.read_text(errors="replace").splitlines()
             if any(key in line for key in keys)
         ]
-        diagnosis = (
+        raise AssertionError(
             f"unfinished: {len(pending)} pending {[tuple(r) for r in pending[:5]]}; "
             f"queues { ({q: n for q, n in where.items() if n}) }; parked {parked[0].n}; "
             f"their replicas' events: {seen[-10:]}"
-        )
-        if failover is not None and await stalled_by_broker(fleet, pending, *failover):
-            pytest.xfail(f"the broker stalled a dead-letter hop across the failover: {diagnosis}")
-        raise AssertionError(diagnosis) from None
-
-
-async def stalled_by_broker(
-    fleet: Fleet, pending: list[Any], cluster: LocalCluster, killed_at: datetime
-) -> bool:
-    """Every unfinished key's last event is its retry sent to the delay levels, due within
-    ``_STALLED_HOP_WINDOW_SECONDS`` of the kill, on a broker version known to stall it."""
-    node = next(node for node in cluster.nodes if cluster.is_running(node.name))
-    version = (await ctl(node, "version")).strip()
-    if not pending or not version.startswith(_STALLED_HOP_BROKERS):
-        return False
-    keys = {row.idempotency_key for row in pending}
-    last: dict[str, dict[str, Any]] = {}
-    for replica in fleet.replicas:
-        for line in replica.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and event.get("idempotency_key") in keys:
-                    key = event["idempotency_key"]
-                    if key not in last or event["timestamp"] >= last[key]["timestamp"]:
-                        last[key] = event
-    early, late = _STALLED_HOP_WINDOW_SECONDS
-    for key in keys:
-        event = last.get(key)
-        if event is None or event["event"] != "retry_scheduled" or event.get("via") != "delay":
-            return False
-        due = datetime.fromisoformat(event["timestamp"]) + timedelta(seconds=event["delay"])
-        if not early <= (due - killed_at).total_seconds() <= late:
-            return False
-    return True
+        ) from None
 
 
 async def publish_through_failover(fleet: Fleet, messages: list[Published]) -> None:
@@ -191,7 +138,7 @@ async def test_kill_the_node_leading_the_work_queues_mid_run(
 
     # on another node, by themselves
     all_ready = await wait_until(both_ready, 30, "both replicas ready again") + resumed
-    await finish(fleet, 120, failover=(cluster, killed_at))
+    await finish(fleet, 120)
     for replica in fleet.replicas:
         replica.check_alive()  # never restarted
     # (the consumers of the dead node's connections are kept, "suspected down", until it
