@@ -31,9 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker.decisions import priority_for
 from worker.errors import describe_error
 from worker.metrics import RECOVERED_RETRIES
-from worker.parking import ROUND_ERRORS, Publish, decode_headers, encode_headers, stored_message
+from worker.parking import ROUND_ERRORS, Publish, decode_headers, stored_form, stored_message
 from worker.persistence import RetryCopy
-from worker.storable import clean_text
 
 log = structlog.get_logger("worker.overdue")
 
@@ -63,14 +62,9 @@ _DUE_AGAIN = text("UPDATE retry_watch SET due_at = now() WHERE idempotency_key =
 
 
 def copy_of(message: aio_pika.Message, due_at: datetime) -> RetryCopy:
-    """The retry as published, to be kept until it is back (content type as parking keeps it)."""
-    content_type = message.content_type
-    return RetryCopy(
-        body=message.body,
-        headers=encode_headers(dict(message.headers)),
-        content_type=None if content_type is None else clean_text(content_type),
-        due_at=due_at,
-    )
+    """The retry as published, kept as a parked message is, until it is back."""
+    body, headers, content_type = stored_form(message)
+    return RetryCopy(body=body, headers=headers, content_type=content_type, due_at=due_at)
 
 
 def sweep_seconds(overdue_seconds: float) -> float:

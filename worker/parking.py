@@ -192,6 +192,17 @@ def encode_headers(headers: dict[str, Any]) -> bytes:
     return bytes(encode.field_table(_wire_values(headers)))
 
 
+def stored_form(message: aio_pika.Message) -> tuple[bytes, bytes, str | None]:
+    """A message as PostgreSQL keeps it to publish it again (here, and worker.overdue's
+    copies): its body, its headers in their wire encoding, its content type made storable."""
+    content_type = message.content_type
+    return (
+        message.body,
+        encode_headers(dict(message.headers)),
+        None if content_type is None else clean_text(content_type),
+    )
+
+
 def decode_headers(raw: bytes) -> dict[str, Any]:
     return dict(decode.field_table(raw)[1])
 
@@ -247,17 +258,15 @@ class ParkingLot:
         await self._parker.submit(parked)
 
     async def _park_batch(self, rows: Sequence[Parked], lane: int) -> list[None]:
+        stored = [stored_form(r.message) for r in rows]
         await self._connections[lane].fetch(
             _PARK,
             [r.partition for r in rows],
             [r.idempotency_key for r in rows],
             [r.attempt for r in rows],
-            [r.message.body for r in rows],
-            [encode_headers(dict(r.message.headers)) for r in rows],
-            [
-                None if r.message.content_type is None else clean_text(r.message.content_type)
-                for r in rows
-            ],
+            [body for body, _, _ in stored],
+            [headers for _, headers, _ in stored],
+            [content_type for _, _, content_type in stored],
             [r.occurred_at for r in rows],
             [r.due_at for r in rows],
             [r.expires_at for r in rows],

@@ -1,12 +1,16 @@
 """A retry the broker does not bring back is republished from PostgreSQL (worker.overdue).
 
 The broker's loss is made real: the retry's delay level is purged while the retry waits in it,
-as RabbitMQ 3.10.8 leaves a dead-letter hop unsent across a failover. A retry that comes back
-in time is never republished, and its copy is deleted once its key is finished.
+as RabbitMQ 3.10.8 leaves a dead-letter hop unsent across a failover; the lost retry carries
+headers PostgreSQL could not hold as text or int4 (a NUL, 2^40, raw bytes). A retry that comes
+back in time is never republished, and its copy is deleted once its key is finished.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import aio_pika
 import pytest
 
 from worker.tooling.demo_provider import Rule
@@ -25,8 +29,19 @@ async def test_a_retry_the_broker_lost_is_republished_and_sent(fleet: Fleet) -> 
     fleet.env.update(ENV)
     await fleet.start(1)
     (message,) = batch(1, "LOST", audience="x")
-    await fleet.publish([message])
     channel = await fleet.channel()
+    # headers PostgreSQL could not hold as text or int4, carried with the retry and its copy
+    exchange = await channel.get_exchange(fleet.source_exchange)
+    headers: dict[str, Any] = {
+        "x-note": "a\x00b",
+        "x-big": 2**40,
+        "x-raw": bytearray(b"\xff\xfe\x00"),
+    }
+    await exchange.publish(
+        aio_pika.Message(message.body, content_type=message.content_type, headers=headers),
+        routing_key="prices.fault",
+    )
+    fleet.published.append(message)
     level = await channel.get_queue(fleet.names.delay_level(LEVEL))
 
     async def waiting_in_level() -> bool:
