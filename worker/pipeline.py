@@ -2,7 +2,8 @@
 
 parse and validate → expired? → its partition healthy? (else park it) → claim the key and its
 topic in PostgreSQL → stale? → call the provider → classify the answer → tell the partition's
-breaker → record the outcome → ack, always last. A retry is published, publisher-confirmed, to
+breaker → record the outcome → ack, always last (sent with other deliveries' acks when the
+outcome is final in PostgreSQL, :mod:`worker.acks`). A retry is published, publisher-confirmed, to
 the delay backend before the original is acked, unless its partition is failing as a whole:
 then it is parked until the partition heals or its backoff is over. A dead letter or a parked
 message is committed before the ack. An error of the broker or an outage of the database
@@ -25,6 +26,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker import breaker, db_errors
+from worker.acks import Acks
 from worker.backoff import delay_seconds
 from worker.breaker import Admission, PartitionHealth, State
 from worker.decisions import (
@@ -79,6 +81,11 @@ class Outcome(StrEnum):
 
 
 DEAD_OUTCOMES = frozenset({Outcome.INVALID, Outcome.REJECTED, Outcome.EXHAUSTED, Outcome.EXPIRED})
+# Handed on (to the delay backend, or parked) rather than settled in PostgreSQL: acked at once,
+# so that the window in which a lost ack brings back a second copy stays as short as it was.
+# Every other outcome is final in the database, a redelivered copy finds its key finished, and
+# its ack is coalesced with others (worker.acks).
+ACK_AT_ONCE = frozenset({Outcome.RETRY, Outcome.DEFERRED, Outcome.PARKED})
 
 
 class Pipeline:
@@ -90,9 +97,11 @@ class Pipeline:
         delay: DelayBackend,
         board: PartitionBoard,
         parking: ParkingLot,
+        acks: Acks,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
+        self.acks = acks
         self.store = store
         self.provider = provider
         self.delay = delay
@@ -112,7 +121,7 @@ class Pipeline:
             if not db_errors.is_data_error(exc):
                 raise
             outcome = await self._refused(delivery, token, exc)
-        await incoming.ack()
+        await self.acks.ack(incoming, at_once=outcome in ACK_AT_ONCE)
         MESSAGES.labels(outcome.value).inc()
         if outcome in DEAD_OUTCOMES:
             DEAD_LETTERS.labels(outcome.value).inc()

@@ -23,6 +23,7 @@ from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidSt
 from aiormq.exceptions import ProbableAuthenticationError
 
 from worker import db_errors
+from worker.acks import Acks
 from worker.breaker import BreakerConfig
 from worker.broker import connect_cluster, node_of
 from worker.db_errors import DbErrorKind
@@ -154,6 +155,7 @@ class Replica:
         self._gate = DatabaseGate(self._store.ping)
         self._connection: AbstractRobustConnection | None = None
         self._scheduler: Scheduler | None = None
+        self._acks = Acks()  # of the ingress consumer's deliveries
 
     async def run(self, stop: asyncio.Event) -> None:
         health = HealthServer(self.settings.metrics_port, self._ready)
@@ -250,7 +252,9 @@ class Replica:
         delay = await declare_delay_backend(
             str(getattr(connection, "url", settings.amqp_urls[0])), channel, topology, settings
         )
-        pipeline = Pipeline(settings, self._store, provider, delay, self._board, self._parking)
+        pipeline = Pipeline(
+            settings, self._store, provider, delay, self._board, self._parking, self._acks
+        )
 
         async def release(message: aio_pika.Message, attempt: int) -> None:
             destination = topology.queue_for(attempt)
@@ -318,8 +322,9 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatcher
         for incoming in scheduler.take_waiting():
-            await within(_return(incoming, "shutdown"), step())
+            await within(self._return(incoming, "shutdown"), step())
         await self._drain(max(deadline - loop.time(), 0.0))
+        await within(self._acks.close(), step())
         # the releaser ends its release in progress, published and committed; a broker outage
         # must not hold it up past the grace (an unfinished release is released again later)
         await within(releaser, step())
@@ -327,8 +332,9 @@ class Replica:
 
     async def _offer(self, incoming: AbstractIncomingMessage) -> None:
         if self._stopping or self._scheduler is None:
-            await _return(incoming, "shutdown")
+            await self._return(incoming, "shutdown")
             return
+        self._acks.delivered(incoming)
         await self._scheduler.offer(incoming)
 
     def _start(self, handler: _Handler, incoming: AbstractIncomingMessage) -> None:
@@ -360,6 +366,7 @@ class Replica:
                 # it waited here while the connection was replaced: the broker has requeued it
                 # already, and a retry published for it would start a second chain
                 log.info("skipped_from_closed_channel")
+                self._acks.forget(incoming)
                 return
             await handler(incoming)
         except _CONNECTION_LOST as exc:
@@ -367,12 +374,12 @@ class Replica:
         except AMQPError as exc:
             log.error("returned_to_queue", error=describe_error(exc))
             await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-            await _return(incoming, "broker")
+            await self._return(incoming, "broker")
         except Exception as exc:
             if not db_errors.is_database_error(exc):
                 log.exception("returned_to_queue", cause="unexpected error")
                 await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-                await _return(incoming, "unexpected")
+                await self._return(incoming, "unexpected")
                 return
             kind = db_errors.classify(exc)
             if kind is DbErrorKind.OUTAGE:
@@ -386,9 +393,19 @@ class Replica:
                 cause = getattr(exc, "orig", None) or exc
                 log.error("returned_to_queue", kind=kind, error=describe_error(cause))
                 await asyncio.sleep(_ERROR_PAUSE_SECONDS)
-            await _return(incoming, "database")
+            await self._return(incoming, "database")
         finally:
             IN_FLIGHT.dec()
+
+    async def _return(self, incoming: AbstractIncomingMessage, cause: str) -> None:
+        """Requeue; if the channel is gone, the broker requeues the message by itself."""
+        RETURNED.labels(cause).inc()
+        try:
+            with contextlib.suppress(ChannelInvalidStateError, AMQPError):
+                await incoming.nack(requeue=True)
+        finally:
+            # only now: an ack with `multiple` sent before the nack would cover it
+            self._acks.forget(incoming)
 
     async def _drain(self, grace_seconds: float) -> None:
         """Let in-flight messages finish; after the grace period cancel the rest unacked."""
@@ -414,10 +431,3 @@ def _limit_reached(incoming: AbstractIncomingMessage) -> bool:
 
 def _log_reconnected(connection: object, *_: object) -> None:
     log.info("broker_reconnected", node=node_of(connection))  # type: ignore[arg-type]
-
-
-async def _return(incoming: AbstractIncomingMessage, cause: str) -> None:
-    """Requeue; if the channel is gone, the broker requeues the message by itself."""
-    RETURNED.labels(cause).inc()
-    with contextlib.suppress(ChannelInvalidStateError, AMQPError):
-        await incoming.nack(requeue=True)
