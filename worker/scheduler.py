@@ -12,9 +12,11 @@ Quorum mode has no priority queue: the work queue's priorities are a list of que
 attempt, and a spare slot takes the head of the first non-empty one, fewest attempts first
 (classic mode: a list of one). With nothing anywhere the look-ups back off, up to one round
 of the list per ``POLL_SECONDS`` per queue, so an idle replica asks the broker no more often
-than with the one classic queue. While look-ups find retries, up to ``FETCHES_AT_ONCE`` run at
-once, each for a slot of its own: one at a time, a look-up's round trip capped a replica's
-retries at a few hundred a second (a healed partition's released backlog waited on it).
+than with the one classic queue; and a round that found nothing stands until its poll is over,
+whatever fresh messages come meanwhile (under a trickle of them, it was one round per message).
+While look-ups find retries, up to ``FETCHES_AT_ONCE`` run at once, each for a slot of its own:
+one at a time, a look-up's round trip capped a replica's retries at a few hundred a second (a
+healed partition's released backlog waited on it).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Scheduler:
         self._arrived = asyncio.Event()
         self._closed = False
         self._found = False  # the last look-up found a retry: the next may run beside others
+        self._poll = POLL_SECONDS  # the wait after an empty look-up: doubles, up to _max_poll
+        self._empty_until = 0.0  # loop time until which the last empty look-up stands
         self._fetches: set[asyncio.Task[None]] = set()  # look-ups ahead, a slot each
 
     async def offer(self, incoming: AbstractIncomingMessage) -> None:
@@ -104,17 +108,22 @@ class Scheduler:
             self._start(incoming)
 
     async def _next(self) -> AbstractIncomingMessage | None:
-        poll = POLL_SECONDS
+        loop = asyncio.get_running_loop()
         while not self._closed:
             if self._fresh:
                 return self._fresh.popleft()
             self._arrived.clear()
-            retry = await self._look_up()
-            if retry is not None:
-                return retry
+            # An empty look-up stands for its poll: a slot freed meanwhile (under a trickle of
+            # fresh messages, after each one) waits for a fresh message or the poll, instead of
+            # asking the broker again at once.
+            if loop.time() >= self._empty_until:
+                retry = await self._look_up()
+                if retry is not None:
+                    return retry
+                self._empty_until = loop.time() + self._poll
+                self._poll = min(self._poll * 2, self._max_poll)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), poll)
-            poll = min(poll * 2, self._max_poll)
+                await asyncio.wait_for(self._arrived.wait(), self._empty_until - loop.time())
         return None
 
     async def _fetch_ahead(self) -> None:
@@ -142,6 +151,7 @@ class Scheduler:
             retry = await self._fetch_retry(queue)
             if retry is not None:
                 self._found = True
+                self._poll, self._empty_until = POLL_SECONDS, 0.0
                 return retry
         self._found = False
         return None

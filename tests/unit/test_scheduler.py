@@ -145,6 +145,19 @@ async def test_idle_look_ups_back_off_to_one_round_per_poll_per_queue() -> None:
     assert rounds * len(queues) <= 2.0 / 0.05 + len(queues) * 3
 
 
+async def test_a_trickle_of_fresh_messages_does_not_make_a_look_up_each() -> None:
+    retries = FakeRetries()
+    scheduler = Scheduler(4, [cast(AbstractQueue, retries)], lambda _: scheduler.release())
+    task = asyncio.create_task(scheduler.run())
+    for n in range(200):  # one every 5 ms, each done at once: the slots are mostly idle
+        await scheduler.offer(cast(AbstractIncomingMessage, f"fresh-{n}"))
+        await asyncio.sleep(0.005)
+    scheduler.close()
+    await asyncio.wait_for(task, timeout=2)
+    # about a second of it: a look-up per 50 ms poll, not one per fresh message
+    assert retries.gets <= 1.5 / 0.05
+
+
 class SlowRetries(FakeRetries):
     """Each look-up takes a round trip; how many were in flight at once, at most."""
 
