@@ -129,10 +129,13 @@ class Acks:
 
     def _schedule(self) -> None:
         if self._flush_soon is None:
-            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush_scheduled)
+
+    def _flush_scheduled(self) -> None:
+        self._flush_soon = None
+        self._flush()
 
     def _flush(self, everything: bool = False) -> None:
-        self._flush_soon = None
         loop = asyncio.get_running_loop()
         now = loop.time()
         held = False
